@@ -1,0 +1,210 @@
+"""PCB-Merging tensor math, free of mergekit.
+
+Implements the steps of ``shared/pcb-spec.md`` (Du et al., NeurIPS 2024, as in the
+authors' released code) for one tensor: outlier clamp, intra- and inter-balancing,
+drop and rescale, weighted mean. Everything is computed in float32 on the device the
+inputs live on; callers cast the result back.
+
+Memory: the task vectors are processed one model at a time, so the working set is a
+handful of float32 buffers the size of ONE tensor, whatever the number of models
+(the naive form holds several n x d matrices).
+
+Where the reference is undefined (0/0) the result is defined here, and finite:
+
+* a model whose task vector is all zero in this tensor takes no part (its scale is 0);
+  if every task vector is zero the merge returns the base exactly;
+* if a row's drop threshold equals its maximum score (``density * numel < 1``, a
+  1-element tensor, or ties), the entries holding the maximum score are kept with
+  scale 1, like mergekit's TIES keeps at least one element;
+* a constant clamped magnitude row (e.g. one element) has intra-balance ``exp(-n)``,
+  a per-row constant, which cancels in the rescale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+#: Lower bound of the per-element sum of scales (step 6 of the spec).
+SCALE_SUM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class PCBOptions:
+    """Settings shared by every model of one merge (per-model ones are passed apart)."""
+
+    clamp_ratio: float = 0.01
+    intra_balance: bool = True
+    inter_balance: bool = True
+
+    def __post_init__(self) -> None:
+        check_clamp_ratio(self.clamp_ratio)
+
+
+def check_density(density: float) -> float:
+    """Density is the fraction of entries KEPT per model: it must lie in (0, 1]."""
+    if not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
+        raise ValueError(f"pcb parameter 'density' must be in (0, 1], got {density!r}")
+    return float(density)
+
+
+def check_clamp_ratio(clamp_ratio: float) -> float:
+    """The outlier clamp cuts this share at each end of |t|: it must lie in [0, 0.5)."""
+    value = float(clamp_ratio)
+    if not (value == value and 0.0 <= value < 0.5):  # value == value rejects NaN
+        raise ValueError(
+            f"pcb parameter 'clamp_ratio' must be finite and in [0, 0.5), got {clamp_ratio!r}"
+        )
+    return value
+
+
+def _kth_smallest(row: torch.Tensor, index: int) -> torch.Tensor:
+    """Element at 0-based ``index`` of ``row`` sorted ascending, by selection (no sort)."""
+    return torch.kthvalue(row, index + 1).values
+
+
+def _sorted_index(numel: int, fraction: float) -> int:
+    """``int(numel * fraction)``, the reference's quantile index, kept inside the row."""
+    return min(max(int(numel * fraction), 0), numel - 1)
+
+
+def balanced_rows(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    densities: Sequence[float],
+    options: PCBOptions,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(i, scale_i * Tc_i, scale_i)`` for every model whose task vector is not zero.
+
+    Both tensors are flat float32 of ``base.numel()`` elements; the first one is a
+    fresh buffer the caller may modify. Steps 1-5 of the spec; step 6 (the weighted
+    mean) is left to the caller so that merging and the tuner share this code.
+    """
+    n = len(finetuned)
+    d = base.numel()
+    if len(densities) != n:
+        raise ValueError(f"got {len(densities)} densities for {n} models")
+    if n == 0 or d == 0:
+        return
+    base_flat = base.reshape(-1)
+
+    def task_vector(i: int) -> torch.Tensor:
+        t = finetuned[i].reshape(-1).to(dtype=torch.float32, copy=True)
+        return t.sub_(base_flat)
+
+    # colsum of the RAW task vectors, accumulated in float32 delta space so that
+    # the subtraction of the base does not cancel catastrophically.
+    colsum = None
+    if options.inter_balance:
+        colsum = torch.zeros(d, dtype=torch.float32, device=base.device)
+        for i in range(n):
+            colsum.add_(task_vector(i))
+
+    c = options.clamp_ratio
+    lo_index = _sorted_index(d, c)
+    hi_index = int(d * (1.0 - c)) - 1
+    if hi_index < 0:  # Python indexing of the reference: -1 is the last element
+        hi_index = d - 1
+    for i in range(n):
+        t = task_vector(i)
+        if not torch.any(t):
+            continue
+
+        # Step 1: clamp |t| into its [c, 1 - c] quantiles.
+        magnitude = t.abs()
+        if c > 0:
+            lo = _kth_smallest(magnitude, lo_index)
+            hi = _kth_smallest(magnitude, hi_index)
+            magnitude.clamp_(min=lo, max=hi)
+            # torch.clamp gives ``hi`` everywhere when lo > hi, hence min/max below.
+        low, high = magnitude.aminmax()
+
+        # Step 3 (before t is overwritten): inter-balance from the raw task vectors.
+        inter = t.mul(colsum).tanh_() if colsum is not None else None
+
+        # Clamped task vector Tc = sign(t) * A, built in t's buffer (zeros stay zero).
+        clamped = t.sign_().mul_(magnitude)
+
+        # Step 2: intra-balance exp(n * minmax(A)^2), shifted by exp(-n) per row so
+        # that it cannot overflow; the per-row factor cancels in step 5.
+        if options.intra_balance:
+            span = high - low
+            score = magnitude.sub_(low)
+            if span > 0:
+                score.div_(span)
+            else:
+                score.zero_()
+            score.square_().sub_(1.0).mul_(float(n)).exp_()
+            if inter is not None:
+                score.mul_(inter)
+        elif inter is not None:
+            score = inter
+        else:
+            score = magnitude.fill_(1.0)
+        del inter
+
+        # Step 5: drop entries at or below the (1 - density) quantile, rescale the rest.
+        threshold = _kth_smallest(score, _sorted_index(d, 1.0 - densities[i]))
+        top = score.max()
+        if top > threshold:
+            scale = score.clamp_(min=threshold).sub_(threshold).div_(top - threshold)
+        else:
+            scale = score.eq_(top).to(torch.float32)
+        yield i, clamped.mul_(scale), scale
+
+
+def pcb_merge(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    lam: float = 1.0,
+    options: PCBOptions | None = None,
+) -> torch.Tensor:
+    """Merged tensor ``base + lam * sum_i(w_i s_i Tc_i) / max(sum_i s_i, eps)``.
+
+    Returns a tensor of ``base``'s shape, dtype and device.
+    """
+    options = options or PCBOptions()
+    if len(weights) != len(finetuned):
+        raise ValueError(f"got {len(weights)} weights for {len(finetuned)} models")
+    numerator = None
+    scale_sum = None
+    for i, weighted, scale in balanced_rows(base, finetuned, densities, options):
+        if numerator is None:
+            numerator, scale_sum = weighted.mul_(float(weights[i])), scale
+        else:
+            numerator.add_(weighted, alpha=float(weights[i]))
+            scale_sum.add_(scale)
+        del weighted, scale
+    if numerator is None:  # every task vector is zero
+        return base.clone()
+    merged = numerator.div_(scale_sum.clamp_(min=SCALE_SUM_EPS)).mul_(float(lam))
+    merged = merged.add_(base.reshape(-1)).reshape(base.shape)
+    return merged.to(dtype=base.dtype)
+
+
+def pcb_contributions(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    *,
+    densities: Sequence[float],
+    options: PCBOptions | None = None,
+) -> torch.Tensor:
+    """Per-model contributions ``c_i = s_i Tc_i / max(sum_j s_j, eps)``, float32 ``(n, *shape)``.
+
+    The merge is linear in the per-model weights: ``base + lam * sum_i w_i c_i``.
+    """
+    options = options or PCBOptions()
+    n = len(finetuned)
+    contributions = torch.zeros((n, base.numel()), dtype=torch.float32, device=base.device)
+    scale_sum = torch.zeros(base.numel(), dtype=torch.float32, device=base.device)
+    for i, weighted, scale in balanced_rows(base, finetuned, densities, options):
+        contributions[i] = weighted
+        scale_sum.add_(scale)
+        del weighted, scale
+    contributions.div_(scale_sum.clamp_(min=SCALE_SUM_EPS))
+    return contributions.reshape(n, *base.shape)

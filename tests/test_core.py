@@ -1,0 +1,266 @@
+"""The tensor math of mergekit_pcb.core against the spec, by hand and by a second implementation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergekit_pcb.core import PCBOptions, pcb_contributions, pcb_merge
+from tests.reference_pcb import reference_pcb
+
+
+def _random_models(n: int, shape: tuple[int, ...], seed: int, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    finetuned = [base + 0.02 * torch.randn(shape, generator=gen) for _ in range(n)]
+    return base.to(dtype), [f.to(dtype) for f in finetuned]
+
+
+def _relative_error(merged: torch.Tensor, expected: torch.Tensor, base: torch.Tensor) -> float:
+    """Max abs difference, relative to the largest merged task-vector entry."""
+    scale = (expected.double() - base.double()).abs().max().item()
+    return (merged.double() - expected.double()).abs().max().item() / max(scale, 1e-30)
+
+
+CASES = [
+    # n, shape, density, clamp_ratio, intra, inter
+    (1, (64,), 0.2, 0.01, True, True),
+    (2, (10, 30), 0.05, 0.01, True, True),
+    (3, (40, 50), 0.2, 0.01, True, True),
+    (3, (40, 50), 0.5, 0.0, True, True),
+    (4, (33, 17), 1.0, 0.01, True, True),
+    (5, (128, 8), 0.1, 0.1, True, True),
+    (8, (1000,), 0.2, 0.0001, True, True),
+    (3, (40, 50), 0.2, 0.01, False, True),
+    (3, (40, 50), 0.2, 0.01, True, False),
+    (3, (40, 50), 0.2, 0.01, False, False),
+    (40, (200,), 0.3, 0.01, True, True),
+]
+
+
+@pytest.mark.parametrize(("n", "shape", "density", "clamp_ratio", "intra", "inter"), CASES)
+def test_matches_independent_reference(n, shape, density, clamp_ratio, intra, inter):
+    base, finetuned = _random_models(n, shape, seed=n * 1000 + len(shape))
+    gen = torch.Generator().manual_seed(7)
+    weights = (0.5 + 2.0 * torch.rand(n, generator=gen)).tolist()
+    densities = [min(1.0, density * (1 + 0.5 * (i % 2))) for i in range(n)]
+    options = PCBOptions(clamp_ratio=clamp_ratio, intra_balance=intra, inter_balance=inter)
+    merged = pcb_merge(
+        base, finetuned, weights=weights, densities=densities, lam=1.3, options=options
+    )
+    expected = reference_pcb(
+        base, finetuned, weights, densities, 1.3, clamp_ratio, intra, inter
+    )
+    assert merged.shape == base.shape and merged.dtype == base.dtype
+    assert _relative_error(merged, expected, base) <= 1e-5
+
+
+def test_hand_case_each_model_keeps_its_best_entry():
+    # density 0.2 of 10 entries: the threshold is the sorted element at index 8,
+    # so only each model's single top-scored entry survives, with scale 1.
+    # Model 1's best score is entry 9 (largest |t| and agreeing with the sum);
+    # model 2's is entry 0 (|t| = 2 dominates). Alone at its entry, each model's
+    # value is w_i * t_i there, whatever its scale.
+    base = torch.arange(10, dtype=torch.float32)
+    t1 = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    t2 = torch.tensor([2.0] + [0.1] * 9)
+    merged = pcb_merge(
+        base,
+        [base + t1, base + t2],
+        weights=[1.5, 0.5],
+        densities=[0.2, 0.2],
+        lam=0.8,
+        options=PCBOptions(clamp_ratio=0.0),
+    )
+    expected = base.clone()
+    expected[0] += 0.8 * 0.5 * 2.0
+    expected[9] += 0.8 * 1.5 * 1.0
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
+
+
+def test_hand_case_intra_only_rescale():
+    # Inter-balancing off, no clamp, n = 2, density 0.3 of 10: threshold = sorted
+    # index 7. Model 1: |t|/max = [0]*8 + [0.5, 1] -> intra exp(2 x^2) =
+    # [1]*8 + [e^0.5, e^2]; the threshold is 1, so entry 8 has scale
+    # s = (e^0.5 - 1) / (e^2 - 1) and entry 9 scale 1. Model 2 mirrors it:
+    # entry 0 (|t| = 2) scale 1, entry 9 (|t| = 1, half the max) scale s.
+    s = (math.exp(0.5) - 1) / (math.exp(2) - 1)
+    base = torch.zeros(10)
+    t1 = torch.tensor([0.0] * 8 + [0.5, 1.0])
+    t2 = torch.tensor([-2.0] + [0.0] * 8 + [-1.0])
+    w1, w2 = 1.2, 0.7
+    merged = pcb_merge(
+        base,
+        [t1, t2],
+        weights=[w1, w2],
+        densities=[0.3, 0.3],
+        options=PCBOptions(clamp_ratio=0.0, inter_balance=False),
+    )
+    expected = torch.zeros(10)
+    expected[0] = -2.0 * w2
+    expected[8] = 0.5 * w1
+    expected[9] = (w1 * 1.0 * 1.0 + w2 * s * -1.0) / (1.0 + s)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
+
+
+def test_hand_case_outlier_clamp_limits_the_kept_value():
+    # One model, clamp 0.1 of 10 entries: |t| is clamped into [sorted[1], sorted[8]]
+    # = [0.2, 0.9]. The top score is entry 9 (tanh(t^2) breaks the intra tie with
+    # entry 8), which is kept alone, at its CLAMPED value 0.9 instead of 1.0.
+    t = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    merged = pcb_merge(
+        torch.zeros(10), [t], weights=[1.0], densities=[0.1],
+        options=PCBOptions(clamp_ratio=0.1),
+    )
+    expected = torch.zeros(10)
+    expected[9] = 0.9
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.1, 0.2, 0.37, 0.5, 1.0])
+def test_kept_share_per_model_is_density(density):
+    # Entries strictly above the sorted element at index int(d * (1 - r)) are kept:
+    # d - 1 - int(d * (1 - r)) of them, i.e. density to within one entry.
+    base, finetuned = _random_models(3, (50, 40), seed=11)
+    d = base.numel()
+    contributions = pcb_contributions(base, finetuned, densities=[density] * 3)
+    kept = (contributions.reshape(3, -1) != 0).sum(dim=1)
+    expected = d - 1 - int(d * (1 - density))
+    assert kept.tolist() == [expected] * 3
+    assert abs(expected / d - density) <= 1 / d + 1e-12
+
+
+def test_output_is_linear_in_the_per_model_weights():
+    base, finetuned = _random_models(4, (30, 30), seed=3)
+    densities = [0.2, 0.3, 0.2, 0.5]
+    w_a = [1.0, 0.5, 2.0, 1.5]
+    w_b = [0.3, 1.7, -0.4, 0.9]
+
+    def delta(weights):
+        return pcb_merge(base, finetuned, weights=weights, densities=densities) - base
+
+    combined = delta([a + b for a, b in zip(w_a, w_b)])
+    torch.testing.assert_close(combined, delta(w_a) + delta(w_b), rtol=0, atol=1e-5)
+    torch.testing.assert_close(delta([2 * a for a in w_a]), 2 * delta(w_a), rtol=0, atol=1e-5)
+    # and equals sum_i w_i c_i from the contributions
+    contributions = pcb_contributions(base, finetuned, densities=densities)
+    by_contributions = (torch.tensor(w_a).reshape(4, 1, 1) * contributions).sum(dim=0)
+    torch.testing.assert_close(delta(w_a), by_contributions, rtol=0, atol=1e-6)
+
+
+def test_identical_finetunes_give_the_finetune_back():
+    # With no drop and no clamp, only the single lowest-scored entry is dropped
+    # (it equals the threshold); make that entry an unchanged one, so the
+    # merge of n identical fine-tunes is exactly the fine-tune.
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(20, 20, generator=gen)
+    delta = 0.05 * torch.randn(20, 20, generator=gen)
+    delta[3, 4] = 0.0
+    finetune = base + delta
+    merged = pcb_merge(
+        base, [finetune] * 4, weights=[1.0] * 4, densities=[1.0] * 4,
+        options=PCBOptions(clamp_ratio=0.0),
+    )
+    torch.testing.assert_close(merged, finetune, rtol=0, atol=1e-6)
+
+
+def test_identical_finetunes_with_drop_keep_finetune_where_kept():
+    base, (finetune,) = _random_models(1, (40, 25), seed=9)
+    merged = pcb_merge(
+        base, [finetune] * 3, weights=[1.0] * 3, densities=[0.2] * 3,
+        options=PCBOptions(clamp_ratio=0.0),
+    )
+    changed = merged != base
+    torch.testing.assert_close(merged[changed], finetune[changed], rtol=0, atol=1e-6)
+    assert changed.sum().item() == 1000 - 1 - int(1000 * 0.8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_task_vectors_give_exactly_the_base(dtype):
+    base = torch.randn(17, 9).to(dtype)
+    merged = pcb_merge(base, [base.clone()] * 3, weights=[1.0] * 3, densities=[0.2] * 3)
+    assert merged.dtype == dtype
+    assert torch.equal(merged, base)
+
+
+def test_a_zero_task_vector_takes_no_part():
+    # A model that left this tensor unchanged must not dilute the others' mean.
+    # (intra-balance depends on the model count n, so it is off here.)
+    base, finetuned = _random_models(2, (30, 10), seed=4)
+    options = PCBOptions(intra_balance=False)
+    alone = pcb_merge(
+        base, finetuned, weights=[1.0, 1.0], densities=[0.3, 0.3], options=options
+    )
+    with_frozen = pcb_merge(
+        base, [*finetuned, base.clone()], weights=[1.0] * 3, densities=[0.3] * 3,
+        options=options,
+    )
+    torch.testing.assert_close(with_frozen, alone, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_in_half_out_computed_in_float32(dtype):
+    base, finetuned = _random_models(3, (64, 48), seed=21, dtype=dtype)
+    merged = pcb_merge(base, finetuned, weights=[1.0, 1.2, 0.8], densities=[0.2] * 3)
+    assert merged.dtype == dtype and torch.isfinite(merged).all()
+    in_float32 = pcb_merge(
+        base.float(), [f.float() for f in finetuned], weights=[1.0, 1.2, 0.8],
+        densities=[0.2] * 3,
+    )
+    # the half-precision result is the float32 result rounded once
+    torch.testing.assert_close(merged, in_float32.to(dtype), rtol=0, atol=0)
+
+
+def test_one_element_tensor_is_the_weighted_mean_of_task_vectors():
+    # d = 1: every row's threshold is its maximum, so each non-zero model keeps
+    # its only entry with scale 1 and the merge is the mean of w_i * t_i.
+    base = torch.tensor([1.0])
+    finetuned = [torch.tensor([1.5]), torch.tensor([0.0]), torch.tensor([1.0])]
+    merged = pcb_merge(base, finetuned, weights=[1.0, 2.0, 1.0], densities=[0.2] * 3)
+    torch.testing.assert_close(merged, torch.tensor([1.0 + (0.5 - 2.0) / 2]))
+
+
+def test_tiny_tensor_keeps_the_top_scored_entry():
+    # density * numel < 1: the threshold is the maximum; the top entry is kept.
+    base = torch.zeros(4)
+    t = torch.tensor([0.1, -0.2, 0.4, 0.3])
+    merged = pcb_merge(
+        base, [t], weights=[1.0], densities=[0.2], options=PCBOptions(clamp_ratio=0.0)
+    )
+    torch.testing.assert_close(merged, torch.tensor([0.0, 0.0, 0.4, 0.0]))
+    # With the default clamp 0.01 the upper bound is sorted index int(4 * 0.99) - 1
+    # = 2, i.e. 0.3: on tiny tensors the clamp already cuts the largest entry.
+    merged = pcb_merge(base, [t], weights=[1.0], densities=[0.2])
+    torch.testing.assert_close(merged, torch.tensor([0.0, 0.0, 0.3, 0.0]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 100, 300])
+def test_any_number_of_models_gives_finite_results(n):
+    base, finetuned = _random_models(n, (16, 16), seed=n)
+    merged = pcb_merge(base, finetuned, weights=[1.0] * n, densities=[0.2] * n)
+    assert torch.isfinite(merged).all()
+    # a weighted mean of clamped task vectors stays within their range
+    deltas = torch.stack([f - base for f in finetuned])
+    assert (merged - base).abs().max() <= deltas.abs().max() + 1e-6
+
+
+def test_empty_inputs():
+    base = torch.zeros(0, 4)
+    assert pcb_merge(base, [base], weights=[1.0], densities=[0.2]).shape == (0, 4)
+    assert torch.equal(pcb_merge(torch.ones(3), [], weights=[], densities=[]), torch.ones(3))
+
+
+def test_inputs_are_not_modified():
+    base, finetuned = _random_models(2, (20, 20), seed=1)
+    copies = [base.clone(), *[f.clone() for f in finetuned]]
+    pcb_merge(base, finetuned, weights=[1.0, 1.0], densities=[0.2, 0.2])
+    for before, after in zip(copies, [base, *finetuned]):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.5, 1.0, float("nan"), float("inf")])
+def test_bad_clamp_ratio_is_refused(bad):
+    with pytest.raises(ValueError, match="clamp_ratio"):
+        PCBOptions(clamp_ratio=bad)
