@@ -50,9 +50,7 @@ def test_matches_independent_reference(n, shape, density, clamp_ratio, intra, in
     merged = pcb_merge(
         base, finetuned, weights=weights, densities=densities, lam=1.3, options=options
     )
-    expected = reference_pcb(
-        base, finetuned, weights, densities, 1.3, clamp_ratio, intra, inter
-    )
+    expected = reference_pcb(base, finetuned, weights, densities, 1.3, clamp_ratio, intra, inter)
     assert merged.shape == base.shape and merged.dtype == base.dtype
     assert _relative_error(merged, expected, base) <= 1e-5
 
@@ -111,7 +109,10 @@ def test_hand_case_outlier_clamp_limits_the_kept_value():
     # entry 8), which is kept alone, at its CLAMPED value 0.9 instead of 1.0.
     t = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     merged = pcb_merge(
-        torch.zeros(10), [t], weights=[1.0], densities=[0.1],
+        torch.zeros(10),
+        [t],
+        weights=[1.0],
+        densities=[0.1],
         options=PCBOptions(clamp_ratio=0.1),
     )
     expected = torch.zeros(10)
@@ -141,7 +142,7 @@ def test_output_is_linear_in_the_per_model_weights():
     def delta(weights):
         return pcb_merge(base, finetuned, weights=weights, densities=densities) - base
 
-    combined = delta([a + b for a, b in zip(w_a, w_b)])
+    combined = delta([a + b for a, b in zip(w_a, w_b, strict=True)])
     torch.testing.assert_close(combined, delta(w_a) + delta(w_b), rtol=0, atol=1e-5)
     torch.testing.assert_close(delta([2 * a for a in w_a]), 2 * delta(w_a), rtol=0, atol=1e-5)
     # and equals sum_i w_i c_i from the contributions
@@ -160,7 +161,10 @@ def test_identical_finetunes_give_the_finetune_back():
     delta[3, 4] = 0.0
     finetune = base + delta
     merged = pcb_merge(
-        base, [finetune] * 4, weights=[1.0] * 4, densities=[1.0] * 4,
+        base,
+        [finetune] * 4,
+        weights=[1.0] * 4,
+        densities=[1.0] * 4,
         options=PCBOptions(clamp_ratio=0.0),
     )
     torch.testing.assert_close(merged, finetune, rtol=0, atol=1e-6)
@@ -169,7 +173,10 @@ def test_identical_finetunes_give_the_finetune_back():
 def test_identical_finetunes_with_drop_keep_finetune_where_kept():
     base, (finetune,) = _random_models(1, (40, 25), seed=9)
     merged = pcb_merge(
-        base, [finetune] * 3, weights=[1.0] * 3, densities=[0.2] * 3,
+        base,
+        [finetune] * 3,
+        weights=[1.0] * 3,
+        densities=[0.2] * 3,
         options=PCBOptions(clamp_ratio=0.0),
     )
     changed = merged != base
@@ -190,11 +197,12 @@ def test_a_zero_task_vector_takes_no_part():
     # (intra-balance depends on the model count n, so it is off here.)
     base, finetuned = _random_models(2, (30, 10), seed=4)
     options = PCBOptions(intra_balance=False)
-    alone = pcb_merge(
-        base, finetuned, weights=[1.0, 1.0], densities=[0.3, 0.3], options=options
-    )
+    alone = pcb_merge(base, finetuned, weights=[1.0, 1.0], densities=[0.3, 0.3], options=options)
     with_frozen = pcb_merge(
-        base, [*finetuned, base.clone()], weights=[1.0] * 3, densities=[0.3] * 3,
+        base,
+        [*finetuned, base.clone()],
+        weights=[1.0] * 3,
+        densities=[0.3] * 3,
         options=options,
     )
     torch.testing.assert_close(with_frozen, alone, rtol=0, atol=1e-7)
@@ -206,7 +214,9 @@ def test_half_precision_in_half_out_computed_in_float32(dtype):
     merged = pcb_merge(base, finetuned, weights=[1.0, 1.2, 0.8], densities=[0.2] * 3)
     assert merged.dtype == dtype and torch.isfinite(merged).all()
     in_float32 = pcb_merge(
-        base.float(), [f.float() for f in finetuned], weights=[1.0, 1.2, 0.8],
+        base.float(),
+        [f.float() for f in finetuned],
+        weights=[1.0, 1.2, 0.8],
         densities=[0.2] * 3,
     )
     # the half-precision result is the float32 result rounded once
@@ -256,7 +266,7 @@ def test_inputs_are_not_modified():
     base, finetuned = _random_models(2, (20, 20), seed=1)
     copies = [base.clone(), *[f.clone() for f in finetuned]]
     pcb_merge(base, finetuned, weights=[1.0, 1.0], densities=[0.2, 0.2])
-    for before, after in zip(copies, [base, *finetuned]):
+    for before, after in zip(copies, [base, *finetuned], strict=True):
         assert torch.equal(before, after)
 
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the package with its test tools, CPU torch pinned.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch first, from the pin, so that nothing resolves it to a CUDA build.
+.venv/bin/python -m pip install --quiet -c constraints-dev.txt torch
+.venv/bin/python -m pip install --quiet -c constraints-dev.txt -e ".[test]"

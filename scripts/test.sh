@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (scripts/bootstrap.sh), then lint and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+.venv/bin/ruff check mergekit_pcb tests examples benchmarks
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny Llama models written once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from mergekit_pcb.synthetic import write_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """A base and three synthetic fine-tunes (float32), name -> folder."""
+    return write_tiny_models(str(tmp_path_factory.mktemp("models")))
+
+
+def write_config(path: str, models: dict[str, str], **overrides) -> str:
+    """A pcb mergekit config over ``models`` (``base`` plus fine-tunes) at ``path``."""
+    per_model = overrides.pop("per_model", {})
+    config = {
+        "merge_method": "pcb",
+        "base_model": models["base"],
+        "models": [
+            {"model": p, "parameters": {"weight": 1.0, "density": 0.2, **per_model.get(n, {})}}
+            for n, p in models.items()
+            if n != "base"
+        ],
+        "parameters": {"lambda": 1.0},
+        "dtype": "float32",
+    }
+    config.update(overrides)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as file:
+        yaml.safe_dump(config, file)
+    return path
