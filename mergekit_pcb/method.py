@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import torch
@@ -24,7 +26,13 @@ from mergekit.merge_methods import (
 from mergekit.merge_methods.base import ParameterSpec
 from pydantic import AfterValidator
 
-from mergekit_pcb.core import PCBOptions, check_clamp_ratio, check_density, pcb_merge
+from mergekit_pcb.core import (
+    PCBOptions,
+    check_clamp_ratio,
+    check_density,
+    pcb_contributions,
+    pcb_merge,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -115,6 +123,31 @@ def _check_finite(group: TensorGroup) -> None:
             )
 
 
+#: Receives (tensor name, group, contributions, lambda) while contributions are captured.
+ContributionSink = Callable[[str, TensorGroup, torch.Tensor, float], None]
+_contribution_sink: ContributionSink | None = None
+
+
+@contextmanager
+def capturing_contributions(sink: ContributionSink) -> Iterator[None]:
+    """Within this block, ``pcb`` hands each tensor's per-model contributions to ``sink``.
+
+    Instead of merging, every ``pcb`` tensor group computes
+    ``c_i = s_i Tc_i / sum_j s_j`` (float32, shape ``(n, *shape)``, in the order of
+    ``group.non_base``), passes it to ``sink`` and returns the base tensor. This is
+    how the tuner reuses mergekit's planner (parameter resolution, loading) exactly
+    as ``mergekit-yaml`` will run the final config.
+    """
+    global _contribution_sink
+    if _contribution_sink is not None:
+        raise RuntimeError("contributions are already being captured")
+    _contribution_sink = sink
+    try:
+        yield
+    finally:
+        _contribution_sink = None
+
+
 class PCBMerge(GroupMergeMethod):
     """PCB-Merging of one tensor group; requires a base model."""
 
@@ -126,17 +159,25 @@ class PCBMerge(GroupMergeMethod):
         _check_finite(group)
         if not entries:
             return base
+        densities = parameters["density"].values_for(entries)
+        options = PCBOptions(
+            clamp_ratio=parameters["clamp_ratio"],
+            intra_balance=parameters["intra_balance"],
+            inter_balance=parameters["inter_balance"],
+        )
+        finetuned = [entry.tensor for entry in entries]
+        if _contribution_sink is not None:
+            contributions = pcb_contributions(base, finetuned, densities=densities, options=options)
+            name = group.metadata.name or "<unnamed>"
+            _contribution_sink(name, group, contributions, parameters["lambda"])
+            return base
         return pcb_merge(
             base,
-            [entry.tensor for entry in entries],
+            finetuned,
             weights=parameters["weight"].values_for(entries),
-            densities=parameters["density"].values_for(entries),
+            densities=densities,
             lam=parameters["lambda"],
-            options=PCBOptions(
-                clamp_ratio=parameters["clamp_ratio"],
-                intra_balance=parameters["intra_balance"],
-                inter_balance=parameters["inter_balance"],
-            ),
+            options=options,
         )
 
 

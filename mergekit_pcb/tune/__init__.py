@@ -1,0 +1,1 @@
+"""CMA-ES search of the per-model PCB coefficients (``mergekit-pcb-tune``)."""
