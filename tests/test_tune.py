@@ -158,7 +158,7 @@ def test_a_different_run_in_the_same_directory_is_refused(
     objective = _distance_objective(target_state)
     _run(config, tmp_path / "run", objective, _settings(budget=10, popsize=4))
     other = write_config(str(tmp_path / "other.yml"), tiny_models, parameters={"lambda": 0.5})
-    with pytest.raises(RunMismatchError, match="holds a different tuning run .*config_sha256"):
+    with pytest.raises(RunMismatchError, match=r"holds a different tuning run .*config_sha256"):
         _run(other, tmp_path / "run", objective, _settings(budget=10, popsize=4))
     with pytest.raises(RunMismatchError, match="differs in: settings"):
         _run(config, tmp_path / "run", objective, _settings(budget=10, popsize=4, seed=9))
