@@ -70,88 +70,163 @@ def _sorted_index(numel: int, fraction: float) -> int:
     return min(max(int(numel * fraction), 0), numel - 1)
 
 
+@dataclass(frozen=True)
+class ModelStats:
+    """One model's statistics over the WHOLE model, for ``scope: model``.
+
+    ``clamp_lo``/``clamp_hi`` are the outlier-clamp quantiles of ``|t|`` (its min and
+    max when the clamp is off), ``threshold`` the (1 - density) quantile of the
+    score and ``top`` its maximum, all over every tensor of the model.
+    """
+
+    clamp_lo: float
+    clamp_hi: float
+    threshold: float
+    top: float
+
+
+def task_vector(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """Flat float32 ``finetuned - base`` in a fresh buffer (inputs are never modified)."""
+    t = finetuned.reshape(-1).to(dtype=torch.float32, copy=True)
+    return t.sub_(base.reshape(-1))
+
+
+def column_sum(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], options: PCBOptions
+) -> torch.Tensor | None:
+    """``sum_i t_i`` of the RAW task vectors (None when inter-balancing is off).
+
+    Accumulated in float32 delta space, so that subtracting the base does not
+    cancel catastrophically.
+    """
+    if not options.inter_balance:
+        return None
+    colsum = torch.zeros(base.numel(), dtype=torch.float32, device=base.device)
+    for tensor in finetuned:
+        colsum.add_(task_vector(base, tensor))
+    return colsum
+
+
+def clamp_bounds(magnitude: torch.Tensor, clamp_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor outlier-clamp bounds of ``|t|`` (its min and max when the clamp is off)."""
+    d = magnitude.numel()
+    if clamp_ratio <= 0:
+        low, high = magnitude.aminmax()
+        return low, high
+    hi_index = int(d * (1.0 - clamp_ratio)) - 1
+    if hi_index < 0:  # Python indexing of the reference: -1 is the last element
+        hi_index = d - 1
+    return (
+        _kth_smallest(magnitude, _sorted_index(d, clamp_ratio)),
+        _kth_smallest(magnitude, hi_index),
+    )
+
+
+def balance(
+    t: torch.Tensor,
+    lo: torch.Tensor | float,
+    hi: torch.Tensor | float,
+    colsum: torch.Tensor | None,
+    n: int,
+    options: PCBOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-4 for one model: return ``(Tc, beta)``; ``t`` (raw) is consumed.
+
+    ``lo``/``hi`` are the clamp bounds, per tensor or whole-model. ``Tc`` reuses
+    ``t``'s buffer. The whole-model statistics pass calls this too, so that its
+    scores are bit-identical to the merge pass's.
+    """
+    magnitude = t.abs()
+    if options.clamp_ratio > 0:
+        magnitude.clamp_(min=lo, max=hi)
+    # min/max of the clamped magnitudes: torch.clamp gives ``hi`` everywhere if lo > hi.
+    low, high = (lo, hi) if lo <= hi else (hi, hi)
+
+    # Step 3 (before t is overwritten): inter-balance from the raw task vectors.
+    inter = t.mul(colsum).tanh_() if colsum is not None else None
+
+    # Clamped task vector Tc = sign(t) * A, built in t's buffer (zeros stay zero).
+    clamped = t.sign_().mul_(magnitude)
+
+    # Step 2: intra-balance exp(n * minmax(A)^2), shifted by exp(-n) per row so that
+    # it cannot overflow; the per-row factor cancels in step 5.
+    if options.intra_balance:
+        span = high - low
+        score = magnitude.sub_(low)
+        if span > 0:
+            score.div_(span)
+        else:
+            score.zero_()
+        score.square_().sub_(1.0).mul_(float(n)).exp_()
+        if inter is not None:
+            score.mul_(inter)
+    elif inter is not None:
+        score = inter
+    else:
+        score = magnitude.fill_(1.0)
+    return clamped, score
+
+
+def rescale(
+    score: torch.Tensor, threshold: torch.Tensor | float, top: torch.Tensor | float
+) -> torch.Tensor:
+    """Step 5 in place: 0 at or below ``threshold``, ``(beta - g) / (top - g)`` above.
+
+    If ``top <= threshold`` the entries equal to ``top`` get 1 (at least one kept).
+    """
+    if top > threshold:
+        return score.clamp_(min=threshold).sub_(threshold).div_(top - threshold)
+    return score.eq_(top).to(torch.float32)
+
+
+def drop_threshold(score: torch.Tensor, density: float) -> torch.Tensor:
+    """Per-tensor (1 - density) quantile of the score, by selection."""
+    return _kth_smallest(score, _sorted_index(score.numel(), 1.0 - density))
+
+
 def balanced_rows(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],
     densities: Sequence[float],
     options: PCBOptions,
+    stats: Sequence[ModelStats | None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(i, scale_i * Tc_i, scale_i)`` for every model whose task vector is not zero.
+    """Yield ``(i, scale_i * Tc_i, scale_i)`` for every model that takes part.
 
     Both tensors are flat float32 of ``base.numel()`` elements; the first one is a
     fresh buffer the caller may modify. Steps 1-5 of the spec; step 6 (the weighted
     mean) is left to the caller so that merging and the tuner share this code.
+
+    Without ``stats`` the quantiles and min/max are per tensor and a model whose
+    task vector is zero in this tensor is skipped. With ``stats`` (whole-model
+    scope) they come from ``stats[i]``; a model is skipped only when its whole
+    task vector is zero (``stats[i] is None``), as in the reference.
     """
     n = len(finetuned)
-    d = base.numel()
     if len(densities) != n:
         raise ValueError(f"got {len(densities)} densities for {n} models")
-    if n == 0 or d == 0:
+    if stats is not None and len(stats) != n:
+        raise ValueError(f"got statistics for {len(stats)} models, expected {n}")
+    if n == 0 or base.numel() == 0:
         return
-    base_flat = base.reshape(-1)
-
-    def task_vector(i: int) -> torch.Tensor:
-        t = finetuned[i].reshape(-1).to(dtype=torch.float32, copy=True)
-        return t.sub_(base_flat)
-
-    # colsum of the RAW task vectors, accumulated in float32 delta space so that
-    # the subtraction of the base does not cancel catastrophically.
-    colsum = None
-    if options.inter_balance:
-        colsum = torch.zeros(d, dtype=torch.float32, device=base.device)
-        for i in range(n):
-            colsum.add_(task_vector(i))
-
-    c = options.clamp_ratio
-    lo_index = _sorted_index(d, c)
-    hi_index = int(d * (1.0 - c)) - 1
-    if hi_index < 0:  # Python indexing of the reference: -1 is the last element
-        hi_index = d - 1
+    colsum = column_sum(base, finetuned, options)
     for i in range(n):
-        t = task_vector(i)
-        if not torch.any(t):
+        model_stats = stats[i] if stats is not None else None
+        if stats is not None and model_stats is None:
             continue
-
-        # Step 1: clamp |t| into its [c, 1 - c] quantiles.
-        magnitude = t.abs()
-        if c > 0:
-            lo = _kth_smallest(magnitude, lo_index)
-            hi = _kth_smallest(magnitude, hi_index)
-            magnitude.clamp_(min=lo, max=hi)
-            # torch.clamp gives ``hi`` everywhere when lo > hi, hence min/max below.
-        low, high = magnitude.aminmax()
-
-        # Step 3 (before t is overwritten): inter-balance from the raw task vectors.
-        inter = t.mul(colsum).tanh_() if colsum is not None else None
-
-        # Clamped task vector Tc = sign(t) * A, built in t's buffer (zeros stay zero).
-        clamped = t.sign_().mul_(magnitude)
-
-        # Step 2: intra-balance exp(n * minmax(A)^2), shifted by exp(-n) per row so
-        # that it cannot overflow; the per-row factor cancels in step 5.
-        if options.intra_balance:
-            span = high - low
-            score = magnitude.sub_(low)
-            if span > 0:
-                score.div_(span)
-            else:
-                score.zero_()
-            score.square_().sub_(1.0).mul_(float(n)).exp_()
-            if inter is not None:
-                score.mul_(inter)
-        elif inter is not None:
-            score = inter
+        t = task_vector(base, finetuned[i])
+        if model_stats is None:
+            if not torch.any(t):
+                continue
+            lo, hi = clamp_bounds(t.abs(), options.clamp_ratio)
         else:
-            score = magnitude.fill_(1.0)
-        del inter
-
-        # Step 5: drop entries at or below the (1 - density) quantile, rescale the rest.
-        threshold = _kth_smallest(score, _sorted_index(d, 1.0 - densities[i]))
-        top = score.max()
-        if top > threshold:
-            scale = score.clamp_(min=threshold).sub_(threshold).div_(top - threshold)
+            lo, hi = model_stats.clamp_lo, model_stats.clamp_hi
+        clamped, score = balance(t, lo, hi, colsum, n, options)
+        if model_stats is None:
+            threshold, top = drop_threshold(score, densities[i]), score.max()
         else:
-            scale = score.eq_(top).to(torch.float32)
+            threshold, top = model_stats.threshold, model_stats.top
+        scale = rescale(score, threshold, top)
         yield i, clamped.mul_(scale), scale
 
 
@@ -163,6 +238,7 @@ def pcb_merge(
     densities: Sequence[float],
     lam: float = 1.0,
     options: PCBOptions | None = None,
+    stats: Sequence[ModelStats | None] | None = None,
 ) -> torch.Tensor:
     """Merged tensor ``base + lam * sum_i(w_i s_i Tc_i) / max(sum_i s_i, eps)``.
 
@@ -173,7 +249,7 @@ def pcb_merge(
         raise ValueError(f"got {len(weights)} weights for {len(finetuned)} models")
     numerator = None
     scale_sum = None
-    for i, weighted, scale in balanced_rows(base, finetuned, densities, options):
+    for i, weighted, scale in balanced_rows(base, finetuned, densities, options, stats):
         if numerator is None:
             numerator, scale_sum = weighted.mul_(float(weights[i])), scale
         else:
@@ -193,6 +269,7 @@ def pcb_contributions(
     *,
     densities: Sequence[float],
     options: PCBOptions | None = None,
+    stats: Sequence[ModelStats | None] | None = None,
 ) -> torch.Tensor:
     """Per-model contributions ``c_i = s_i Tc_i / max(sum_j s_j, eps)``, float32 ``(n, *shape)``.
 
@@ -202,7 +279,7 @@ def pcb_contributions(
     n = len(finetuned)
     contributions = torch.zeros((n, base.numel()), dtype=torch.float32, device=base.device)
     scale_sum = torch.zeros(base.numel(), dtype=torch.float32, device=base.device)
-    for i, weighted, scale in balanced_rows(base, finetuned, densities, options):
+    for i, weighted, scale in balanced_rows(base, finetuned, densities, options, stats):
         contributions[i] = weighted
         scale_sum.add_(scale)
         del weighted, scale

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from mergekit import merge_methods
@@ -27,12 +29,14 @@ from mergekit.merge_methods.base import ParameterSpec
 from pydantic import AfterValidator
 
 from mergekit_pcb.core import (
+    ModelStats,
     PCBOptions,
     check_clamp_ratio,
     check_density,
     pcb_contributions,
     pcb_merge,
 )
+from mergekit_pcb.whole_model import whole_model_stats
 
 LOG = logging.getLogger(__name__)
 
@@ -83,6 +87,14 @@ def _parameters() -> tuple[ParameterSpec, ...]:
             ParameterScope.SHARED,
             default=DEFAULT_CLAMP_RATIO,
             description="share of |t| clamped at each end before balancing; 0 turns it off",
+        ),
+        ParameterSpec(
+            "scope",
+            Literal["tensor", "model"],
+            ParameterScope.SHARED,
+            default="tensor",
+            description="quantiles and min-max per tensor, or over the whole model "
+            "(the authors' semantics; costs a streaming statistics pass first)",
         ),
         ParameterSpec(
             "intra_balance",
@@ -166,8 +178,13 @@ class PCBMerge(GroupMergeMethod):
             inter_balance=parameters["inter_balance"],
         )
         finetuned = [entry.tensor for entry in entries]
+        stats = None
+        if parameters["scope"] == "model":
+            stats = _whole_model_stats(group, densities, options)
         if _contribution_sink is not None:
-            contributions = pcb_contributions(base, finetuned, densities=densities, options=options)
+            contributions = pcb_contributions(
+                base, finetuned, densities=densities, options=options, stats=stats
+            )
             name = group.metadata.name or "<unnamed>"
             _contribution_sink(name, group, contributions, parameters["lambda"])
             return base
@@ -178,7 +195,70 @@ class PCBMerge(GroupMergeMethod):
             densities=densities,
             lam=parameters["lambda"],
             options=options,
+            stats=stats,
         )
+
+
+#: Whole-model statistics computed in this process, most recent last.
+_STATS_CACHE: OrderedDict[tuple, tuple[list[ModelStats | None], frozenset[str]]] = OrderedDict()
+_STATS_CACHE_SIZE = 16
+
+
+def _whole_model_stats(
+    group: TensorGroup, densities: Sequence[float], options: PCBOptions
+) -> list[ModelStats | None]:
+    """Statistics over every tensor the checkpoints share, computed once per merge.
+
+    The first ``scope: model`` tensor of a merge streams over all tensors of the
+    base and the fine-tunes through mergekit's loaders, on the device and in the
+    dtype this group has, so that the statistics match what the merge computes.
+    """
+    from mergekit.common import ModelReference
+    from mergekit.io.tasks import LoaderCache
+
+    base = group.base.tensor
+    refs = [group.base.id, *(entry.id for entry in group.non_base)]
+    if not all(isinstance(ref, ModelReference) for ref in refs):
+        raise ValueError(
+            "pcb scope: model needs models that mergekit loads (mergekit-yaml, run_merge); "
+            "for tensors in memory, use mergekit_pcb.whole_model.whole_model_stats"
+        )
+    loaders = [LoaderCache().get(ref) for ref in refs]
+    files = tuple(
+        (path, os.path.getmtime(path))
+        for loader in loaders
+        for path in sorted(
+            {os.path.join(loader.index.base_path, f) for f in loader.index.tensor_paths.values()}
+        )
+    )
+    key = (tuple(refs), tuple(densities), options, base.dtype, str(base.device), files)
+    cached = _STATS_CACHE.get(key)
+    if cached is None:
+        names = [
+            name
+            for name in loaders[0].index.tensor_paths
+            if all(name in loader.index.tensor_paths for loader in loaders[1:])
+        ]
+
+        def tensors():
+            for name in names:
+                loaded = [loader.get_tensor(name, device=str(base.device)) for loader in loaders]
+                if all(t.is_floating_point() for t in loaded):
+                    loaded = [t.to(dtype=base.dtype) for t in loaded]
+                    yield name, loaded[0], loaded[1:]
+
+        LOG.info("pcb scope: model: computing whole-model statistics for %d models", len(refs) - 1)
+        cached = (whole_model_stats(tensors, densities, options), frozenset(names))
+        _STATS_CACHE[key] = cached
+        while len(_STATS_CACHE) > _STATS_CACHE_SIZE:
+            _STATS_CACHE.popitem(last=False)
+    name = group.metadata.name
+    if name not in cached[1]:
+        raise ValueError(
+            f"pcb scope: model: tensor {name} is not stored under that name in every "
+            "checkpoint, so it has no whole-model statistics"
+        )
+    return cached[0]
 
 
 def register() -> merge_methods.MergeMethod:

@@ -71,3 +71,17 @@ def reference_pcb(
     w = torch.tensor(weights, dtype=torch.float64).unsqueeze(1)
     tau = (w * scale * tc).sum(dim=0) / torch.clamp(scale.sum(dim=0), min=1e-12)
     return (base64 + lam * tau).reshape(base.shape)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor, base: torch.Tensor) -> float:
+    """Max error relative to the largest merged task-vector entry.
+
+    The float32 output cannot be closer than half a unit in the last place of
+    ``base + tau`` (about 6e-8 for weights near 1, while task vectors may be
+    ~1e-3), so that rounding is not counted as error.
+    """
+    exp32 = expected.float()
+    half_ulp = (torch.nextafter(exp32.abs(), torch.tensor(float("inf"))) - exp32.abs()) / 2
+    excess = ((got.double() - expected).abs() - half_ulp.double()).clamp(min=0)
+    scale = (expected - base.double()).abs().max().clamp(min=1e-30)
+    return (excess.max() / scale).item()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergekit_pcb.core import PCBOptions, pcb_contributions, pcb_merge
-from tests.reference_pcb import reference_pcb
+from tests.reference_pcb import reference_pcb, relative_error
 
 
 def _random_models(n: int, shape: tuple[int, ...], seed: int, dtype=torch.float32):
@@ -16,12 +16,6 @@ def _random_models(n: int, shape: tuple[int, ...], seed: int, dtype=torch.float3
     base = torch.randn(shape, generator=gen)
     finetuned = [base + 0.02 * torch.randn(shape, generator=gen) for _ in range(n)]
     return base.to(dtype), [f.to(dtype) for f in finetuned]
-
-
-def _relative_error(merged: torch.Tensor, expected: torch.Tensor, base: torch.Tensor) -> float:
-    """Max abs difference, relative to the largest merged task-vector entry."""
-    scale = (expected.double() - base.double()).abs().max().item()
-    return (merged.double() - expected.double()).abs().max().item() / max(scale, 1e-30)
 
 
 CASES = [
@@ -52,7 +46,7 @@ def test_matches_independent_reference(n, shape, density, clamp_ratio, intra, in
     )
     expected = reference_pcb(base, finetuned, weights, densities, 1.3, clamp_ratio, intra, inter)
     assert merged.shape == base.shape and merged.dtype == base.dtype
-    assert _relative_error(merged, expected, base) <= 1e-5
+    assert relative_error(merged, expected, base) <= 1e-5
 
 
 def test_hand_case_each_model_keeps_its_best_entry():

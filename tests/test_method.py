@@ -39,6 +39,7 @@ def test_pcb_is_registered_with_its_parameters():
         "density": DEFAULT_DENSITY,
         "lambda": 1.0,
         "clamp_ratio": 0.01,
+        "scope": "tensor",
         "intra_balance": True,
         "inter_balance": True,
     }
