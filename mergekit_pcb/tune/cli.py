@@ -119,6 +119,7 @@ def _plot(history: list[Evaluation], maximize: bool, path: str) -> None:
     ax.step(range(len(history)), line, where="post", color="C1", label="best so far")
     if history[0].ok:
         ax.axhline(history[0].score, color="grey", ls="--", label="start (all 1.0)")
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("evaluation")
     ax.set_ylabel("score (" + ("higher" if maximize else "lower") + " is better)")
     ax.legend()
