@@ -22,6 +22,7 @@ Where the reference is undefined (0/0) the result is defined here, and finite:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,21 @@ import torch
 
 #: Lower bound of the per-element sum of scales (step 6 of the spec).
 SCALE_SUM_EPS = 1e-12
+
+
+class NonFiniteInputError(ValueError):
+    """An input tensor holds NaN or Inf.
+
+    ``model_index`` (None: the base or unknown) and ``tensor_name`` say where, when
+    the raiser knows; otherwise the caller, which knows its inputs, finds out.
+    """
+
+    def __init__(
+        self, message: str, model_index: int | None = None, tensor_name: str | None = None
+    ):
+        super().__init__(message)
+        self.model_index = model_index
+        self.tensor_name = tensor_name
 
 
 @dataclass(frozen=True)
@@ -60,8 +76,38 @@ def check_clamp_ratio(clamp_ratio: float) -> float:
     return value
 
 
+_SAMPLE = 1 << 15
+
+
 def _kth_smallest(row: torch.Tensor, index: int) -> torch.Tensor:
-    """Element at 0-based ``index`` of ``row`` sorted ascending, by selection (no sort)."""
+    """Element at 0-based ``index`` of ``row`` sorted ascending, exactly, without a sort.
+
+    ``torch.kthvalue`` copies and quick-selects the whole row, which dominates a
+    merge's time. For large rows a sorted random sample brackets the wanted rank
+    with a few standard deviations of margin; one counting pass and one selection of
+    the (small) bracket then give the exact value. If the bracket misses (rare, and
+    checked), the whole row is selected instead.
+    """
+    d = row.numel()
+    if d <= 8 * _SAMPLE:
+        return torch.kthvalue(row, index + 1).values
+    generator = torch.Generator(device=row.device).manual_seed(d)
+    picks = torch.randint(d, (_SAMPLE,), generator=generator, device=row.device)
+    sample = row[picks].sort().values
+    q = index / d
+    spread = 4.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 16
+    lo_rank, hi_rank = math.floor(q * _SAMPLE - spread), math.ceil(q * _SAMPLE + spread)
+    below, mask = 0, None
+    if lo_rank >= 0:
+        mask = row >= sample[lo_rank]
+        below = d - int(torch.count_nonzero(mask))
+    if hi_rank < _SAMPLE:
+        upper = row <= sample[hi_rank]
+        mask = upper if mask is None else mask.logical_and_(upper)
+    inside = row if mask is None else row[mask]
+    rank = index - below
+    if 0 <= rank < inside.numel():
+        return torch.kthvalue(inside, rank + 1).values
     return torch.kthvalue(row, index + 1).values
 
 
@@ -85,9 +131,17 @@ class ModelStats:
     top: float
 
 
-def task_vector(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """Flat float32 ``finetuned - base`` in a fresh buffer (inputs are never modified)."""
-    t = finetuned.reshape(-1).to(dtype=torch.float32, copy=True)
+def task_vector(
+    base: torch.Tensor, finetuned: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flat float32 ``finetuned - base``, in ``out`` or a fresh buffer (inputs untouched).
+
+    The difference is taken in float32 whatever the input dtype.
+    """
+    if out is None:
+        t = finetuned.reshape(-1).to(dtype=torch.float32, copy=True)
+    else:
+        t = out.copy_(finetuned.reshape(-1))
     return t.sub_(base.reshape(-1))
 
 
@@ -102,8 +156,9 @@ def column_sum(
     if not options.inter_balance:
         return None
     colsum = torch.zeros(base.numel(), dtype=torch.float32, device=base.device)
+    scratch = torch.empty_like(colsum)
     for tensor in finetuned:
-        colsum.add_(task_vector(base, tensor))
+        colsum.add_(task_vector(base, tensor, out=scratch))
     return colsum
 
 
@@ -129,21 +184,28 @@ def balance(
     colsum: torch.Tensor | None,
     n: int,
     options: PCBOptions,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-4 for one model: return ``(Tc, beta)``; ``t`` (raw) is consumed.
 
     ``lo``/``hi`` are the clamp bounds, per tensor or whole-model. ``Tc`` reuses
-    ``t``'s buffer. The whole-model statistics pass calls this too, so that its
-    scores are bit-identical to the merge pass's.
+    ``t``'s buffer, ``beta`` one of the two ``workspace`` buffers (fresh ones if
+    None). The whole-model statistics pass calls this too, so that its scores are
+    bit-identical to the merge pass's.
     """
-    magnitude = t.abs()
+    magnitude_out, inter_out = workspace if workspace is not None else (None, None)
+    magnitude = torch.abs(t, out=magnitude_out) if magnitude_out is not None else t.abs()
     if options.clamp_ratio > 0:
         magnitude.clamp_(min=lo, max=hi)
     # min/max of the clamped magnitudes: torch.clamp gives ``hi`` everywhere if lo > hi.
     low, high = (lo, hi) if lo <= hi else (hi, hi)
 
     # Step 3 (before t is overwritten): inter-balance from the raw task vectors.
-    inter = t.mul(colsum).tanh_() if colsum is not None else None
+    inter = None
+    if colsum is not None:
+        inter = (
+            torch.mul(t, colsum, out=inter_out) if inter_out is not None else t.mul(colsum)
+        ).tanh_()
 
     # Clamped task vector Tc = sign(t) * A, built in t's buffer (zeros stay zero).
     clamped = t.sign_().mul_(magnitude)
@@ -193,9 +255,10 @@ def balanced_rows(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(i, scale_i * Tc_i, scale_i)`` for every model that takes part.
 
-    Both tensors are flat float32 of ``base.numel()`` elements; the first one is a
-    fresh buffer the caller may modify. Steps 1-5 of the spec; step 6 (the weighted
-    mean) is left to the caller so that merging and the tuner share this code.
+    Both tensors are flat float32 of ``base.numel()`` elements, in work buffers that
+    are reused for the next model: use them before asking for the next row. Steps
+    1-5 of the spec; step 6 (the weighted mean) is left to the caller so that
+    merging and the tuner share this code.
 
     Without ``stats`` the quantiles and min/max are per tensor and a model whose
     task vector is zero in this tensor is skipped. With ``stats`` (whole-model
@@ -210,18 +273,29 @@ def balanced_rows(
     if n == 0 or base.numel() == 0:
         return
     colsum = column_sum(base, finetuned, options)
+    # The column sum is finite iff every input is (NaN and Inf propagate): one cheap
+    # check instead of one per input. Without it, each task vector is checked.
+    if colsum is not None and not torch.isfinite(colsum.sum()):
+        raise NonFiniteInputError("an input tensor has NaN or Inf values")
+    buffers = [
+        torch.empty(base.numel(), dtype=torch.float32, device=base.device)
+        for _ in range(3 if colsum is not None else 2)
+    ]
+    workspace = (buffers[1], buffers[2] if colsum is not None else None)
     for i in range(n):
         model_stats = stats[i] if stats is not None else None
         if stats is not None and model_stats is None:
             continue
-        t = task_vector(base, finetuned[i])
+        t = task_vector(base, finetuned[i], out=buffers[0])
+        if colsum is None and not torch.isfinite(t.sum()):
+            raise NonFiniteInputError(f"input tensor {i} or the base has NaN or Inf values")
         if model_stats is None:
             if not torch.any(t):
                 continue
-            lo, hi = clamp_bounds(t.abs(), options.clamp_ratio)
+            lo, hi = clamp_bounds(torch.abs(t, out=buffers[1]), options.clamp_ratio)
         else:
             lo, hi = model_stats.clamp_lo, model_stats.clamp_hi
-        clamped, score = balance(t, lo, hi, colsum, n, options)
+        clamped, score = balance(t, lo, hi, colsum, n, options, workspace)
         if model_stats is None:
             threshold, top = drop_threshold(score, densities[i]), score.max()
         else:
@@ -247,15 +321,12 @@ def pcb_merge(
     options = options or PCBOptions()
     if len(weights) != len(finetuned):
         raise ValueError(f"got {len(weights)} weights for {len(finetuned)} models")
-    numerator = None
-    scale_sum = None
+    numerator = scale_sum = None
     for i, weighted, scale in balanced_rows(base, finetuned, densities, options, stats):
         if numerator is None:
-            numerator, scale_sum = weighted.mul_(float(weights[i])), scale
-        else:
-            numerator.add_(weighted, alpha=float(weights[i]))
-            scale_sum.add_(scale)
-        del weighted, scale
+            numerator, scale_sum = torch.zeros_like(weighted), torch.zeros_like(scale)
+        numerator.add_(weighted, alpha=float(weights[i]))
+        scale_sum.add_(scale)
     if numerator is None:  # every task vector is zero
         return base.clone()
     merged = numerator.div_(scale_sum.clamp_(min=SCALE_SUM_EPS)).mul_(float(lam))
@@ -282,6 +353,5 @@ def pcb_contributions(
     for i, weighted, scale in balanced_rows(base, finetuned, densities, options, stats):
         contributions[i] = weighted
         scale_sum.add_(scale)
-        del weighted, scale
     contributions.div_(scale_sum.clamp_(min=SCALE_SUM_EPS))
     return contributions.reshape(n, *base.shape)

@@ -30,6 +30,7 @@ from pydantic import AfterValidator
 
 from mergekit_pcb.core import (
     ModelStats,
+    NonFiniteInputError,
     PCBOptions,
     check_clamp_ratio,
     check_density,
@@ -125,14 +126,18 @@ PCB_SPEC = MergeMethodSpec(
 PARAMETER_NAMES = frozenset(p.name for p in PCB_SPEC.parameters)
 
 
-def _check_finite(group: TensorGroup) -> None:
+def _name_non_finite_input(group: TensorGroup) -> ValueError:
+    """The error naming the model and tensor holding NaN or Inf (core found one)."""
     for entry in group.entries:
         if not bool(torch.isfinite(entry.tensor).all()):
             role = "base model" if entry.is_base else "model"
-            raise ValueError(
+            return ValueError(
                 f"pcb: {role} {entry.id} has NaN or Inf values in tensor "
                 f"{group.metadata.name or '<unnamed>'}"
             )
+    return ValueError(  # finite inputs whose difference overflows float32
+        f"pcb: task vectors of tensor {group.metadata.name or '<unnamed>'} overflow float32"
+    )
 
 
 #: Receives (tensor name, group, contributions, lambda) while contributions are captured.
@@ -166,10 +171,17 @@ class PCBMerge(GroupMergeMethod):
     spec = PCB_SPEC
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        try:
+            return self._merge_group(group, parameters)
+        except NonFiniteInputError:
+            raise _name_non_finite_input(group) from None
+
+    def _merge_group(self, group: TensorGroup, parameters: dict[str, Any]) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
-        _check_finite(group)
         if not entries:
+            if not bool(torch.isfinite(base).all()):
+                raise NonFiniteInputError("the base has NaN or Inf values")
             return base
         densities = parameters["density"].values_for(entries)
         options = PCBOptions(
@@ -248,7 +260,15 @@ def _whole_model_stats(
                     yield name, loaded[0], loaded[1:]
 
         LOG.info("pcb scope: model: computing whole-model statistics for %d models", len(refs) - 1)
-        cached = (whole_model_stats(tensors, densities, options), frozenset(names))
+        try:
+            stats = whole_model_stats(tensors, densities, options)
+        except NonFiniteInputError as error:
+            index = 0 if error.model_index is None else error.model_index + 1
+            role = "base model" if index == 0 else "model"
+            raise ValueError(
+                f"pcb: {role} {refs[index]} has NaN or Inf values in tensor {error.tensor_name}"
+            ) from None
+        cached = (stats, frozenset(names))
         _STATS_CACHE[key] = cached
         while len(_STATS_CACHE) > _STATS_CACHE_SIZE:
             _STATS_CACHE.popitem(last=False)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mergekit_pcb.core import (
     ModelStats,
+    NonFiniteInputError,
     PCBOptions,
     _sorted_index,
     balance,
@@ -125,18 +126,25 @@ def whole_model_stats(
             leave=False,
         )
 
-    def magnitudes(desc: str):
-        for _name, base, finetuned in stream(desc):
+    def magnitudes(desc: str, check: bool = False):
+        for name, base, finetuned in stream(desc):
             if len(finetuned) != n:
                 raise ValueError(f"expected {n} fine-tuned tensors, got {len(finetuned)}")
+            if check and not torch.isfinite(base.sum(dtype=torch.float32)):
+                raise NonFiniteInputError(f"base tensor {name} has NaN or Inf values", None, name)
             for i, tensor in enumerate(finetuned):
-                yield i, task_vector(base, tensor).abs_()
+                magnitude = task_vector(base, tensor).abs_()
+                if check and not torch.isfinite(magnitude.sum()):
+                    raise NonFiniteInputError(
+                        f"tensor {name} of model {i} has NaN or Inf values", i, name
+                    )
+                yield i, magnitude
 
     # Pass 1: size, min/max of |t| per model, and the high histograms of |t|.
     total = 0
     minimum, maximum = [float("inf")] * n, [0.0] * n
     selects = [RadixSelect() for _ in range(n)]
-    for i, magnitude in magnitudes("pass 1/4 (|t|)"):
+    for i, magnitude in magnitudes("pass 1/4 (|t|)", check=True):
         if magnitude.numel() == 0:
             continue
         total += magnitude.numel() if i == 0 else 0

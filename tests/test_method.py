@@ -119,9 +119,10 @@ def test_missing_base_is_refused():
         merge_tensors(_tensors(2), "pcb")
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("inter_balance", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", [0, 2])
-def test_non_finite_input_names_model_and_tensor(bad, where):
+def test_non_finite_input_names_model_and_tensor(bad, where, inter_balance):
     tensors = _tensors(2)
     tensors[where][3, 4] = bad
     role = "base model" if where == 0 else "model"
@@ -130,7 +131,20 @@ def test_non_finite_input_names_model_and_tensor(bad, where):
         match=rf"pcb: {role} {where} has NaN or Inf values in tensor "
         r"layers\.0\.weight",
     ):
-        merge_tensors(tensors, "pcb", base_index=0, name="layers.0.weight")
+        merge_tensors(
+            tensors,
+            "pcb",
+            base_index=0,
+            name="layers.0.weight",
+            parameters={"inter_balance": inter_balance},
+        )
+
+
+def test_non_finite_base_with_no_finetune_is_refused():
+    base = torch.zeros(3)
+    base[1] = float("nan")
+    with pytest.raises(ValueError, match="pcb: base model 0 has NaN or Inf values in tensor w"):
+        merge_tensors([base], "pcb", base_index=0, name="w")
 
 
 def test_registration_is_idempotent():

@@ -154,3 +154,28 @@ def test_mergekit_merge_with_scope_model_matches_spec(tiny_models, tmp_path):
     run_merge(per_tensor, str(tmp_path / "per_tensor"), options=MergeOptions(quiet=True))
     other = load_file(tmp_path / "per_tensor" / "model.safetensors")
     assert any(not torch.equal(other[k], merged[k]) for k in names)
+
+
+def test_scope_model_names_a_non_finite_tensor_anywhere(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["chat"], broken)
+    state = load_file(broken / "model.safetensors")
+    state["model.layers.1.self_attn.v_proj.weight"][0, 1] = float("inf")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    config_path = write_config(
+        str(tmp_path / "pcb.yml"),
+        {**tiny_models, "chat": str(broken)},
+        parameters={"scope": "model"},
+    )
+    with open(config_path, encoding="utf-8") as file:
+        config = MergeConfiguration.model_validate(yaml.safe_load(file))
+    message = (
+        f"pcb: model {broken} has NaN or Inf values in tensor "
+        "model.layers.1.self_attn.v_proj.weight"
+    )
+    with pytest.raises(ValueError, match=message):
+        run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
