@@ -62,6 +62,12 @@ def _config(paths: dict[str, str], weights: list[float]) -> MergeConfiguration:
 
 @click.command()
 @click.option("--workdir", default="benchmarks/output/tune_speed", show_default=True)
+@click.option(
+    "--models",
+    default="benchmarks/output/models_160m",
+    show_default=True,
+    help="where the synthetic models are made once and reused",
+)
 @click.option("--candidates", default=5, show_default=True, help="candidates timed per method")
 def main(workdir: str, candidates: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -79,14 +79,17 @@ def check_clamp_ratio(clamp_ratio: float) -> float:
 _SAMPLE = 1 << 15
 
 
-def _kth_smallest(row: torch.Tensor, index: int) -> torch.Tensor:
+def _kth_smallest(
+    row: torch.Tensor, index: int, masks: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Element at 0-based ``index`` of ``row`` sorted ascending, exactly, without a sort.
 
     ``torch.kthvalue`` copies and quick-selects the whole row, which dominates a
     merge's time. For large rows a sorted random sample brackets the wanted rank
     with a few standard deviations of margin; one counting pass and one selection of
     the (small) bracket then give the exact value. If the bracket misses (rare, and
-    checked), the whole row is selected instead.
+    checked), the whole row is selected instead. ``masks``: two reusable bool buffers
+    of the row's size (fresh ones if None).
     """
     d = row.numel()
     if d <= 8 * _SAMPLE:
@@ -97,12 +100,18 @@ def _kth_smallest(row: torch.Tensor, index: int) -> torch.Tensor:
     q = index / d
     spread = 4.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 16
     lo_rank, hi_rank = math.floor(q * _SAMPLE - spread), math.ceil(q * _SAMPLE + spread)
+    if masks is None:
+        masks = (
+            torch.empty(d, dtype=torch.bool, device=row.device),
+            torch.empty(d, dtype=torch.bool, device=row.device),
+        )
+    row = row.reshape(-1)
     below, mask = 0, None
     if lo_rank >= 0:
-        mask = row >= sample[lo_rank]
+        mask = torch.ge(row, sample[lo_rank], out=masks[0])
         below = d - int(torch.count_nonzero(mask))
     if hi_rank < _SAMPLE:
-        upper = row <= sample[hi_rank]
+        upper = torch.le(row, sample[hi_rank], out=masks[1])
         mask = upper if mask is None else mask.logical_and_(upper)
     inside = row if mask is None else row[mask]
     rank = index - below
@@ -162,7 +171,11 @@ def column_sum(
     return colsum
 
 
-def clamp_bounds(magnitude: torch.Tensor, clamp_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clamp_bounds(
+    magnitude: torch.Tensor,
+    clamp_ratio: float,
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor outlier-clamp bounds of ``|t|`` (its min and max when the clamp is off)."""
     d = magnitude.numel()
     if clamp_ratio <= 0:
@@ -172,8 +185,8 @@ def clamp_bounds(magnitude: torch.Tensor, clamp_ratio: float) -> tuple[torch.Ten
     if hi_index < 0:  # Python indexing of the reference: -1 is the last element
         hi_index = d - 1
     return (
-        _kth_smallest(magnitude, _sorted_index(d, clamp_ratio)),
-        _kth_smallest(magnitude, hi_index),
+        _kth_smallest(magnitude, _sorted_index(d, clamp_ratio), masks),
+        _kth_smallest(magnitude, hi_index, masks),
     )
 
 
@@ -241,9 +254,13 @@ def rescale(
     return score.eq_(top).to(torch.float32)
 
 
-def drop_threshold(score: torch.Tensor, density: float) -> torch.Tensor:
+def drop_threshold(
+    score: torch.Tensor,
+    density: float,
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Per-tensor (1 - density) quantile of the score, by selection."""
-    return _kth_smallest(score, _sorted_index(score.numel(), 1.0 - density))
+    return _kth_smallest(score, _sorted_index(score.numel(), 1.0 - density), masks)
 
 
 def balanced_rows(
@@ -282,6 +299,11 @@ def balanced_rows(
         for _ in range(3 if colsum is not None else 2)
     ]
     workspace = (buffers[1], buffers[2] if colsum is not None else None)
+    masks = None
+    if stats is None and base.numel() > 8 * _SAMPLE:
+        masks = tuple(
+            torch.empty(base.numel(), dtype=torch.bool, device=base.device) for _ in range(2)
+        )
     for i in range(n):
         model_stats = stats[i] if stats is not None else None
         if stats is not None and model_stats is None:
@@ -290,14 +312,15 @@ def balanced_rows(
         if colsum is None and not torch.isfinite(t.sum()):
             raise NonFiniteInputError(f"input tensor {i} or the base has NaN or Inf values")
         if model_stats is None:
-            if not torch.any(t):
+            magnitude = torch.abs(t, out=buffers[1])
+            lo, hi = clamp_bounds(magnitude, options.clamp_ratio, masks)
+            if hi == 0 and magnitude.max() == 0:  # this model left the tensor unchanged
                 continue
-            lo, hi = clamp_bounds(torch.abs(t, out=buffers[1]), options.clamp_ratio)
         else:
             lo, hi = model_stats.clamp_lo, model_stats.clamp_hi
         clamped, score = balance(t, lo, hi, colsum, n, options, workspace)
         if model_stats is None:
-            threshold, top = drop_threshold(score, densities[i]), score.max()
+            threshold, top = drop_threshold(score, densities[i], masks), score.max()
         else:
             threshold, top = model_stats.threshold, model_stats.top
         scale = rescale(score, threshold, top)
@@ -321,8 +344,10 @@ def pcb_merge(
     options = options or PCBOptions()
     if len(weights) != len(finetuned):
         raise ValueError(f"got {len(weights)} weights for {len(finetuned)} models")
+    # float32 once: mixed-dtype arithmetic (float32 with bfloat16) is several times slower.
+    base32 = base.reshape(-1).to(torch.float32)
     numerator = scale_sum = None
-    for i, weighted, scale in balanced_rows(base, finetuned, densities, options, stats):
+    for i, weighted, scale in balanced_rows(base32, finetuned, densities, options, stats):
         if numerator is None:
             numerator, scale_sum = torch.zeros_like(weighted), torch.zeros_like(scale)
         numerator.add_(weighted, alpha=float(weights[i]))
@@ -330,7 +355,7 @@ def pcb_merge(
     if numerator is None:  # every task vector is zero
         return base.clone()
     merged = numerator.div_(scale_sum.clamp_(min=SCALE_SUM_EPS)).mul_(float(lam))
-    merged = merged.add_(base.reshape(-1)).reshape(base.shape)
+    merged = merged.add_(base32).reshape(base.shape)
     return merged.to(dtype=base.dtype)
 
 
@@ -350,7 +375,8 @@ def pcb_contributions(
     n = len(finetuned)
     contributions = torch.zeros((n, base.numel()), dtype=torch.float32, device=base.device)
     scale_sum = torch.zeros(base.numel(), dtype=torch.float32, device=base.device)
-    for i, weighted, scale in balanced_rows(base, finetuned, densities, options, stats):
+    base32 = base.reshape(-1).to(torch.float32)
+    for i, weighted, scale in balanced_rows(base32, finetuned, densities, options, stats):
         contributions[i] = weighted
         scale_sum.add_(scale)
     contributions.div_(scale_sum.clamp_(min=SCALE_SUM_EPS))

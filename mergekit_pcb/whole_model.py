@@ -128,6 +128,7 @@ def whole_model_stats(
 
     def magnitudes(desc: str, check: bool = False):
         for name, base, finetuned in stream(desc):
+            base = base.to(torch.float32)  # once per tensor, as the merge does
             if len(finetuned) != n:
                 raise ValueError(f"expected {n} fine-tuned tensors, got {len(finetuned)}")
             if check and not torch.isfinite(base.sum(dtype=torch.float32)):
@@ -174,6 +175,7 @@ def whole_model_stats(
         for _name, base, finetuned in stream(desc):
             if base.numel() == 0:
                 continue
+            base = base.to(torch.float32)
             colsum = column_sum(base, finetuned, options)
             for i, tensor in enumerate(finetuned):
                 if nonzero[i]:

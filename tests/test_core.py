@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mergekit_pcb.core import PCBOptions, pcb_contributions, pcb_merge
+from mergekit_pcb.core import PCBOptions, _kth_smallest, pcb_contributions, pcb_merge
 from tests.reference_pcb import reference_pcb, relative_error
 
 
@@ -268,3 +268,38 @@ def test_inputs_are_not_modified():
 def test_bad_clamp_ratio_is_refused(bad):
     with pytest.raises(ValueError, match="clamp_ratio"):
         PCBOptions(clamp_ratio=bad)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "signed-zeros"])
+def test_selection_on_large_rows_is_exact(kind):
+    # Rows above 8 * 2^15 entries take the sampled-bracket path.
+    gen = torch.Generator().manual_seed(12)
+    d = 400_000
+    if kind == "normal":
+        row = torch.randn(d, generator=gen)
+    elif kind == "ties":
+        row = torch.randint(0, 5, (d,), generator=gen).float()
+    else:
+        row = torch.randn(d, generator=gen).clamp(min=0) * torch.randint(0, 2, (d,), generator=gen)
+    ordered = torch.sort(row).values
+    for index in [0, 1, 4_000, 200_000, 320_000, d - 2, d - 1]:
+        assert _kth_smallest(row, index).item() == ordered[index].item()
+
+
+def test_selection_falls_back_when_the_sample_misses(monkeypatch):
+    row = torch.arange(300_000, dtype=torch.float32).flip(0)
+    real_randint = torch.randint
+
+    def only_the_top(high, size, **kwargs):  # a sample of the largest values only
+        return real_randint(0, 100, size, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", only_the_top)
+    assert _kth_smallest(row, 150_000).item() == 150_000.0
+
+
+def test_large_tensor_matches_reference():
+    base, finetuned = _random_models(3, (600, 500), seed=77)
+    weights, densities = [1.2, 0.9, 1.4], [0.1, 0.2, 0.3]
+    merged = pcb_merge(base, finetuned, weights=weights, densities=densities)
+    expected = reference_pcb(base, finetuned, weights, densities)
+    assert relative_error(merged, expected, base) <= 1e-5
