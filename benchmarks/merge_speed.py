@@ -25,18 +25,9 @@ import time
 import click
 import torch
 import yaml
-
-from mergekit_pcb.synthetic import tiny_llama_config, write_tiny_models
+from synthetic_160m import DEFAULT_DIR, models_160m  # benchmarks/ is on sys.path
 
 LOG = logging.getLogger("merge_speed")
-
-CONFIG_150M = dict(
-    vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-)
 
 # Same launcher for all methods: mergekit-yaml's main with pcb registered.
 LAUNCHER = "import sys, mergekit_pcb; from mergekit.scripts.run_yaml import main; main()"
@@ -91,7 +82,7 @@ def _run(config: str, out: str) -> tuple[float, float]:
 @click.option("--workdir", default="benchmarks/output/merge_speed", show_default=True)
 @click.option(
     "--models",
-    default="benchmarks/output/models_160m",
+    default=DEFAULT_DIR,
     show_default=True,
     help="where the synthetic models are made once and reused",
 )
@@ -101,7 +92,7 @@ def _run(config: str, out: str) -> tuple[float, float]:
 def main(workdir: str, models: str, repeats: int, density: float, json_path: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.makedirs(workdir, exist_ok=True)
-    paths = write_tiny_models(models, config=tiny_llama_config(**CONFIG_150M), dtype=torch.bfloat16)
+    paths = models_160m(models)
     configs = {}
     for label, (method, extra) in METHODS.items():
         configs[label] = os.path.join(workdir, label.replace(" ", "_").replace(":", "") + ".yml")

@@ -28,22 +28,14 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+from synthetic_160m import DEFAULT_DIR, models_160m  # benchmarks/ is on sys.path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
-from mergekit_pcb.synthetic import tiny_llama_config, write_tiny_models
 from mergekit_pcb.tune.linear import capture_linear_merge
 from mergekit_pcb.tune.objectives import Example, completion_loss
 
 LOG = logging.getLogger("tune_speed")
-
-CONFIG_150M = dict(
-    vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-)
 
 
 def _config(paths: dict[str, str], weights: list[float]) -> MergeConfiguration:
@@ -64,19 +56,16 @@ def _config(paths: dict[str, str], weights: list[float]) -> MergeConfiguration:
 @click.option("--workdir", default="benchmarks/output/tune_speed", show_default=True)
 @click.option(
     "--models",
-    default="benchmarks/output/models_160m",
+    default=DEFAULT_DIR,
     show_default=True,
     help="where the synthetic models are made once and reused",
 )
 @click.option("--candidates", default=5, show_default=True, help="candidates timed per method")
-def main(workdir: str, candidates: int) -> None:
+def main(workdir: str, models: str, candidates: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
-    paths = write_tiny_models(
-        os.path.join(workdir, "models"),
-        config=tiny_llama_config(**CONFIG_150M),
-        dtype=torch.bfloat16,
-    )
+    os.makedirs(workdir, exist_ok=True)
+    paths = models_160m(models)
     gen = torch.Generator().manual_seed(1)
     weights = [[1.0, 1.0, 1.0]] + [
         (0.5 + 2.5 * torch.rand(3, generator=gen)).tolist() for _ in range(candidates - 1)

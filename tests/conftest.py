@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 
 from mergekit_pcb.synthetic import write_tiny_models
 
@@ -35,3 +37,13 @@ def write_config(path: str, models: dict[str, str], **overrides) -> str:
     with open(path, "w", encoding="utf-8") as file:
         yaml.safe_dump(config, file)
     return path
+
+
+def broken_copy(source: str, dest: str, tensor: str, value: float) -> str:
+    """A copy of the model at ``source`` with ``value`` (NaN, Inf) in one entry of ``tensor``."""
+    shutil.copytree(source, dest)
+    path = os.path.join(dest, "model.safetensors")
+    state = load_file(path)
+    state[tensor].view(-1)[7] = value
+    save_file(state, path, metadata={"format": "pt"})
+    return dest

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mergekit_pcb.cli import main
 from mergekit_pcb.config_check import check_pcb_config
-from tests.conftest import write_config
+from tests.conftest import broken_copy, write_config
 
 BIN = os.path.dirname(sys.executable)
 
@@ -82,12 +81,13 @@ def test_bad_config_is_refused_before_writing(tiny_models, tmp_path, overrides, 
 
 
 def test_nan_model_fails_and_leaves_output_unchanged(tiny_models, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_models["code"], broken)
-    state = load_file(broken / "model.safetensors")
-    state["model.layers.1.mlp.down_proj.weight"][2, 3] = float("nan")
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
-    models = {**tiny_models, "code": str(broken)}
+    broken = broken_copy(
+        tiny_models["code"],
+        str(tmp_path / "broken"),
+        "model.layers.1.mlp.down_proj.weight",
+        float("nan"),
+    )
+    models = {**tiny_models, "code": broken}
     config = write_config(str(tmp_path / "pcb.yml"), models)
     out = tmp_path / "out"
     out.mkdir()
