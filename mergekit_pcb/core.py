@@ -98,6 +98,7 @@ def _kth_smallest(
     checked), the whole row is selected instead. ``masks``: two reusable bool buffers
     of the row's size (fresh ones if None).
     """
+    row = row.reshape(-1)
     d = row.numel()
     if d <= _DIRECT_SELECT:
         return torch.kthvalue(row, index + 1).values
@@ -113,7 +114,6 @@ def _kth_smallest(
             torch.empty(d, dtype=torch.bool, device=row.device),
             torch.empty(d, dtype=torch.bool, device=row.device),
         )
-    row = row.reshape(-1)
     below, mask = 0, None
     if lo_rank >= 0:
         mask = torch.ge(row, sample[lo_rank], out=masks[0])
