@@ -295,3 +295,44 @@ def test_cli_with_builtin_loss_and_test_split(config, tmp_path):
 
     same = CliRunner().invoke(tune_main, [config, str(out), "--val", str(val), "--test", str(val)])
     assert same.exit_code != 0 and "is also a validation file" in same.output
+
+
+def test_lm_eval_objective_through_a_stand_in_harness(monkeypatch, caplog):
+    """Our adapter around lm-eval's documented API (lm_eval itself is an optional extra,
+    not installed here): the stand-in records the call and returns fixed metrics."""
+    import sys
+    import types
+
+    calls = {}
+
+    def simple_evaluate(model, tasks, limit):
+        calls.update(model=model, tasks=tasks, limit=limit)
+        return {"results": {"gsm8k": {"exact_match,none": 0.25}, "my_val": {"acc,none": 0.75}}}
+
+    class HFLM:
+        def __init__(self, pretrained, tokenizer):
+            self.pretrained, self.tokenizer = pretrained, tokenizer
+
+    fake = types.ModuleType("lm_eval")
+    fake.simple_evaluate = simple_evaluate
+    models = types.ModuleType("lm_eval.models")
+    huggingface = types.ModuleType("lm_eval.models.huggingface")
+    huggingface.HFLM = HFLM
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.models", models)
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", huggingface)
+
+    objective = objectives.LmEvalObjective(["gsm8k", "my_val"], limit=10)
+    assert "lm-eval task 'gsm8k' looks like a public benchmark" in caplog.text
+    assert "my_val" not in caplog.text
+    assert objective("model", "tok") == 0.5 and objective.maximize
+    assert calls["tasks"] == ["gsm8k", "my_val"] and calls["limit"] == 10
+    assert calls["model"].pretrained == "model"
+
+
+def test_lm_eval_objective_without_the_extra_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(ImportError, match=r"pip install 'mergekit-pcb\[lm-eval\]'"):
+        objectives.LmEvalObjective(["my_val"])

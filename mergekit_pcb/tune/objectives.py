@@ -3,24 +3,27 @@
 Every objective is called as ``objective(model, tokenizer) -> float`` on the live
 candidate model and carries ``maximize`` (True: higher is better).
 
-* ``ValidationLoss``: mean cross-entropy on the completions of JSONL files
+* ``completion_loss``: mean cross-entropy on the completions of JSONL files
   (``{"prompt", "completion"}`` rows, or ``{"text"}`` rows scored whole). Lower is
   better. Tasks combine as a plain mean, or ``normalized``: each task's loss divided
   by the best (lowest) loss any single fine-tuned model reaches on it, so that no
   task dominates because its loss is on a larger scale.
-* ``ExactMatch``: share of rows whose greedy completion equals ``completion``
-  (whitespace-stripped). Higher is better; ``normalized`` divides by the best
+* ``exact_match``: share of rows whose greedy completion, whitespace-stripped,
+  starts with the stripped ``completion`` (generation runs 2 tokens past its length,
+  and a model need not stop by itself). Higher is better; ``normalized`` divides by the best
   fine-tune's accuracy per task.
 * ``load_user_objective("pkg.module:function")``: any ``function(model, tokenizer)``;
   the caller states the direction.
 * ``LmEvalObjective``: mean accuracy over lm-evaluation-harness tasks (optional
   extra ``lm-eval``). Higher is better. Public benchmarks' test splits are for
-  reporting, never for tuning; a task that evaluates a test split gets a warning.
+  reporting, never for tuning: a task whose name looks like a public benchmark gets
+  a warning (lm-eval tasks often score their test split).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -104,7 +107,7 @@ def completion_loss(model, tokenizer, examples: Sequence[Example], batch_size: i
 
 
 def exact_match(model, tokenizer, examples: Sequence[Example]) -> float:
-    """Share of examples whose greedy completion equals the reference (stripped)."""
+    """Share of examples whose stripped greedy completion starts with the stripped reference."""
     device = next(model.parameters()).device
     hits = 0
     model.eval()
