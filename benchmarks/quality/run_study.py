@@ -1,0 +1,502 @@
+"""The merge-quality study: train a base and task experts, merge them, score, write the table.
+
+One command rebuilds everything from nothing (or reuses the cached models):
+
+    .venv/bin/python benchmarks/quality/run_study.py
+
+1. Eight generated tasks (``quality_tasks``) with disjoint validation and test splits.
+2. A small Llama trained from scratch on the mixture of all tasks (the base), and one
+   expert per task fine-tuned from it at a low learning rate (``quality_models``);
+   cached under ``--out`` and reused while their settings are unchanged.
+3. For 2, 4 and all 8 tasks: every method of ``quality_merge`` with each setting of its
+   grid, merged in memory and scored on the validation split; the setting with the
+   best mean normalised validation accuracy is merged again through ``run_merge`` (the
+   ``mergekit-yaml`` path) and that model is scored on the test split. ``pcb`` is also
+   tuned with ``mergekit-pcb-tune``'s search (one coefficient per model, validation
+   objective), and its ablations are grid searched the same way.
+4. ``RESULTS.md`` (the tables) and ``results.json`` (every number, the grids' scores
+   included) are written; nothing else is read from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import click
+import torch
+from tqdm import tqdm
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from quality_eval import Score, score_tasks
+from quality_merge import (
+    ABLATIONS,
+    METHODS,
+    RANDOM_SEED,
+    MethodSpec,
+    merge_in_memory,
+    merge_with_mergekit,
+    mergekit_config,
+)
+from quality_models import ModelSettings, TrainSettings, build_models
+from quality_tasks import TASKS, Splits, make_splits
+
+from mergekit_pcb.synthetic import tiny_tokenizer
+from mergekit_pcb.tune.cli import tune
+from mergekit_pcb.tune.objectives import UserObjective
+from mergekit_pcb.tune.search import SearchSettings
+
+LOG = logging.getLogger("quality")
+
+DATA_SEED = 0
+TRAIN_SEED = 1
+SUBSET_SEED = 2
+TUNER_SEED = 1
+TASK_NAMES = tuple(task.name for task in TASKS)
+MODEL = ModelSettings()
+BASE_TRAINING = TrainSettings(
+    tasks=TASK_NAMES, steps=3000, lr=3e-3, batch_size=64, seed=TRAIN_SEED, warmup=100, cosine=True
+)
+EXPERT_STEPS = 400
+EXPERT_LR = 5e-4
+
+
+def expert_training(task_index: int, task: str) -> TrainSettings:
+    return TrainSettings(
+        tasks=(task,),
+        steps=EXPERT_STEPS,
+        lr=EXPERT_LR,
+        batch_size=64,
+        seed=TRAIN_SEED + 100 + task_index,
+    )
+
+
+def subsets(per_size: int) -> list[tuple[str, ...]]:
+    """Task subsets merged: ``per_size`` random pairs and quadruples, then all tasks."""
+    rng = random.Random(SUBSET_SEED)
+    chosen: list[tuple[str, ...]] = []
+    for size in (2, 4):
+        drawn: set[tuple[str, ...]] = set()
+        while len(drawn) < per_size:
+            drawn.add(tuple(sorted(rng.sample(TASK_NAMES, size), key=TASK_NAMES.index)))
+        chosen += sorted(drawn)
+    return [*chosen, TASK_NAMES]
+
+
+def _state(path: str) -> dict[str, torch.Tensor]:
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def _normalized(scores: dict[str, Score], expert: dict[str, Score], metric: str) -> float:
+    return statistics.mean(
+        getattr(scores[t], metric) / max(getattr(expert[t], metric), 1e-9) for t in scores
+    )
+
+
+def _summary(scores: dict[str, Score], expert: dict[str, Score]) -> dict[str, Any]:
+    return {
+        "tasks": {t: asdict(s) for t, s in scores.items()},
+        "mean_char_acc": statistics.mean(s.char_acc for s in scores.values()),
+        "mean_exact": statistics.mean(s.exact for s in scores.values()),
+        "normalized_char_acc": _normalized(scores, expert, "char_acc"),
+        "normalized_exact": _normalized(scores, expert, "exact"),
+    }
+
+
+class Study:
+    """The trained models, the live model that scores merges, and the reference scores."""
+
+    def __init__(self, out_dir: str, splits: Splits, paths: dict[str, str]) -> None:
+        self.out_dir = out_dir
+        self.splits = splits
+        self.paths = paths
+        self.tokenizer = tiny_tokenizer()
+        self.live = LlamaForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
+        self.live.eval()
+        self.base_state = _state(paths["base"])
+        self.expert_states = {t: _state(paths[t]) for t in TASK_NAMES}
+        self.base_scores = {
+            split: self._score(self.live, split, TASK_NAMES) for split in ("val", "test")
+        }
+        # Each task's reference: its own expert on it.
+        self.expert_scores: dict[str, dict[str, Score]] = {"val": {}, "test": {}}
+        self.expert_all: dict[str, dict[str, dict[str, Score]]] = {}
+        for task in TASK_NAMES:
+            model = LlamaForCausalLM.from_pretrained(paths[task], dtype=torch.float32)
+            self.expert_all[task] = {}
+            for split in ("val", "test"):
+                scores = self._score(model, split, TASK_NAMES)
+                self.expert_all[task][split] = scores
+                self.expert_scores[split][task] = scores[task]
+
+    def _score(self, model, split: str, tasks: Sequence[str]) -> dict[str, Score]:
+        data = self.splits.val if split == "val" else self.splits.test
+        return score_tasks(model, self.tokenizer, data, tasks)
+
+    def score_state(self, state: dict[str, torch.Tensor], split: str, tasks) -> dict[str, Score]:
+        self.live.load_state_dict(state)
+        return self._score(self.live, split, tasks)
+
+    def grid_search(self, spec: MethodSpec, tasks: Sequence[str]) -> dict[str, Any]:
+        """Every grid setting scored on validation; the best one by normalised accuracy."""
+        experts = {t: self.expert_states[t] for t in tasks}
+        trials = []
+        for setting in spec.grid():
+            merged = merge_in_memory(spec, setting, self.base_state, experts)
+            scores = self.score_state(merged, "val", tasks)
+            value = _normalized(scores, self.expert_scores["val"], "char_acc")
+            trials.append({"setting": setting, "val_normalized_char_acc": value})
+        best = max(trials, key=lambda trial: trial["val_normalized_char_acc"])
+        return {"setting": best["setting"], "trials": trials}
+
+    def test_merge(
+        self,
+        spec: MethodSpec,
+        setting: dict[str, float],
+        tasks: Sequence[str],
+        folder: str,
+        weights: Sequence[float] | None = None,
+    ) -> dict[str, Any]:
+        """Merge through ``run_merge`` and score the written model on both splits."""
+        config = mergekit_config(
+            spec, setting, self.paths["base"], {t: self.paths[t] for t in tasks}, weights
+        )
+        out = os.path.join(self.out_dir, "merges", folder)
+        merge_with_mergekit(config, out, spec.random)
+        model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+        row = {
+            "setting": setting,
+            "config": out + ".yml",
+            "val": _summary(self._score(model, "val", tasks), self.expert_scores["val"]),
+            "test": _summary(self._score(model, "test", tasks), self.expert_scores["test"]),
+        }
+        if not spec.random:
+            # The grid ran in memory: check it is the merge mergekit-yaml writes.
+            in_memory = merge_in_memory(
+                spec, setting, self.base_state, {t: self.expert_states[t] for t in tasks}, weights
+            )
+            written = model.state_dict()
+            row["max_abs_diff_in_memory_vs_run_merge"] = max(
+                float((in_memory[k].float() - written[k]).abs().max()) for k in written
+            )
+        return row
+
+    def tuned_pcb(
+        self, config_file: str, tasks: Sequence[str], folder: str, budget: int
+    ) -> dict[str, Any]:
+        """``mergekit-pcb-tune``'s search from the grid's pcb config, on validation."""
+        tune_dir = os.path.join(self.out_dir, "tune", folder)
+        shutil.rmtree(tune_dir, ignore_errors=True)
+
+        def objective(model, tokenizer) -> float:
+            scores = score_tasks(model, tokenizer, self.splits.val, tasks)
+            return _normalized(scores, self.expert_scores["val"], "char_acc")
+
+        settings = SearchSettings(budget=budget, seed=TUNER_SEED)
+        began = time.perf_counter()
+        result = tune(
+            config_file,
+            tune_dir,
+            UserObjective(objective, True, "validation normalised per-character accuracy"),
+            settings,
+            identity_objective={"study": "quality", "tasks": list(tasks)},
+            quiet=True,
+        )
+        seconds = time.perf_counter() - began
+        return {
+            "coefficients": result.best.coefficients,
+            "val_objective_start": result.start.score,
+            "val_objective_best": result.best.score,
+            "evaluations": len(result.history),
+            "seconds": seconds,
+            "search": asdict(settings),
+            "best_yml": os.path.join(tune_dir, "best.yml"),
+        }
+
+
+def _label_folder(subset: Sequence[str], label: str) -> str:
+    clean = label.replace(" ", "_").replace("/", "").replace("-", "_")
+    return f"{len(subset)}_{'-'.join(subset)}/{clean}"
+
+
+def run_subset(study: Study, tasks: tuple[str, ...], tuner_budget: int) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    specs = (*METHODS, *ABLATIONS)
+    for spec in tqdm(specs, desc=f"{len(tasks)} tasks", leave=False):
+        began = time.perf_counter()
+        search = study.grid_search(spec, tasks)
+        row = study.test_merge(spec, search["setting"], tasks, _label_folder(tasks, spec.label))
+        row["grid"] = search["trials"]
+        row["seconds"] = time.perf_counter() - began
+        rows[spec.label] = row
+        LOG.info(
+            "%d tasks %-26s %s  val %.3f  test %.3f (normalised char acc)",
+            len(tasks),
+            spec.label,
+            search["setting"],
+            row["val"]["normalized_char_acc"],
+            row["test"]["normalized_char_acc"],
+        )
+    pcb = next(spec for spec in METHODS if spec.label == "pcb")
+    tuned = study.tuned_pcb(rows["pcb"]["config"], tasks, _label_folder(tasks, "pcb"), tuner_budget)
+    row = study.test_merge(
+        pcb, rows["pcb"]["setting"], tasks, _label_folder(tasks, "pcb_tuned"), tuned["coefficients"]
+    )
+    row["tuner"] = tuned
+    rows["pcb + tuned weights"] = row
+    LOG.info(
+        "%d tasks pcb + tuned weights %s  val %.3f  test %.3f",
+        len(tasks),
+        [round(c, 2) for c in tuned["coefficients"]],
+        row["val"]["normalized_char_acc"],
+        row["test"]["normalized_char_acc"],
+    )
+    return {"tasks": list(tasks), "rows": rows}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _setting_text(row: dict[str, Any]) -> str:
+    setting = row["setting"]
+    text = f"λ {setting['lambda']:g}"
+    if setting["density"] != 1.0:
+        text = f"density {setting['density']:g}, " + text
+    if "tuner" in row:
+        text += ", weights " + " ".join(f"{c:.2f}" for c in row["tuner"]["coefficients"])
+    return text
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """RESULTS.md: every table from ``results``; no number is typed by hand."""
+    s = results["settings"]
+    lines = [
+        "# Merge-quality study: results",
+        "",
+        f"Written by `{s['command']}` ({s['finished']}, {s['threads']} CPU threads, "
+        f"{s['total_seconds'] / 60:.1f} min in all, training {s['training_seconds'] / 60:.1f} "
+        "min of it; 0 when the models came from the cache). Method, grids and caveats: "
+        "`benchmarks/quality/README.md`.",
+        "",
+        f"Model: Llama, hidden {s['model']['hidden_size']}, {s['model']['num_hidden_layers']} "
+        f"layers, {s['parameters']:,} parameters, character tokenizer. Base: "
+        f"{s['base_training']['steps']} steps on the mixture of all tasks; experts: "
+        f"{s['expert_steps']} steps at lr {s['expert_lr']:g} on one task each. Validation "
+        f"{s['n_val']} and test {s['n_test']} examples per task, disjoint, never trained on. "
+        f"Seeds: data {s['data_seed']}, training {s['train_seed']}, subsets "
+        f"{s['subset_seed']}, dare/della drops {s['random_seed']}, tuner {s['tuner_seed']}.",
+        "",
+        "Scores are test-split per-character accuracy of the answer (teacher-forced argmax), "
+        "in %; *norm.* is the mean over tasks of merged / expert accuracy on that task; "
+        "*exact* is whole-answer accuracy (what greedy decoding gets right). Every method's "
+        "setting was chosen on the validation split.",
+        "",
+        "## Base and experts",
+        "",
+        "| model | " + " | ".join(TASK_NAMES) + " | mean |",
+        "|---|" + "---:|" * (len(TASK_NAMES) + 1),
+    ]
+    base = results["reference"]["base"]["test"]
+    lines.append(
+        "| base | "
+        + " | ".join(_pct(base[t]["char_acc"]) for t in TASK_NAMES)
+        + f" | {_pct(statistics.mean(base[t]['char_acc'] for t in TASK_NAMES))} |"
+    )
+    for expert in TASK_NAMES:
+        scores = results["reference"]["experts"][expert]["test"]
+        cells = [
+            f"**{_pct(scores[t]['char_acc'])}**" if t == expert else _pct(scores[t]["char_acc"])
+            for t in TASK_NAMES
+        ]
+        mean = statistics.mean(scores[t]["char_acc"] for t in TASK_NAMES)
+        lines.append(f"| expert {expert} | " + " | ".join(cells) + f" | {_pct(mean)} |")
+    lines += ["", "Bold: each expert on its own task, the denominator of *norm.*", ""]
+
+    labels = [spec.label for spec in METHODS] + ["pcb + tuned weights"]
+    lines += ["## Summary: normalised accuracy (test, %)", ""]
+    header = [f"{len(sub['tasks'])}: {'+'.join(sub['tasks'])}" for sub in results["subsets"]]
+    lines += [
+        "| method | " + " | ".join(header) + " | mean |",
+        "|---|" + "---:|" * (len(header) + 1),
+    ]
+    base_row = [
+        statistics.mean(
+            base[t]["char_acc"] / results["reference"]["expert_own"]["test"][t]["char_acc"]
+            for t in sub["tasks"]
+        )
+        for sub in results["subsets"]
+    ]
+    lines.append(
+        "| base | "
+        + " | ".join(_pct(v) for v in base_row)
+        + f" | {_pct(statistics.mean(base_row))} |"
+    )
+    for label in [*labels, *(spec.label for spec in ABLATIONS)]:
+        values = [sub["rows"][label]["test"]["normalized_char_acc"] for sub in results["subsets"]]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(_pct(v) for v in values)
+            + f" | {_pct(statistics.mean(values))} |"
+        )
+    lines.append("")
+
+    for sub in results["subsets"]:
+        tasks = sub["tasks"]
+        lines += [
+            f"## {len(tasks)} tasks: {', '.join(tasks)}",
+            "",
+            "| method | setting (validation) | "
+            + " | ".join(tasks)
+            + " | mean | norm. | exact | norm. exact |",
+            "|---|---|" + "---:|" * (len(tasks) + 4),
+        ]
+        own = results["reference"]["expert_own"]["test"]
+        for name, scores in (("base", base), ("experts", own)):
+            mean = statistics.mean(scores[t]["char_acc"] for t in tasks)
+            exact = statistics.mean(scores[t]["exact"] for t in tasks)
+            norm = statistics.mean(scores[t]["char_acc"] / own[t]["char_acc"] for t in tasks)
+            norm_exact = statistics.mean(scores[t]["exact"] / own[t]["exact"] for t in tasks)
+            lines.append(
+                f"| {name} | | "
+                + " | ".join(_pct(scores[t]["char_acc"]) for t in tasks)
+                + f" | {_pct(mean)} | {_pct(norm)} | {_pct(exact)} | {_pct(norm_exact)} |"
+            )
+        for label in [*labels, *(spec.label for spec in ABLATIONS)]:
+            row = sub["rows"][label]
+            test = row["test"]
+            lines.append(
+                f"| {label} | {_setting_text(row)} | "
+                + " | ".join(_pct(test["tasks"][t]["char_acc"]) for t in tasks)
+                + f" | {_pct(test['mean_char_acc'])} | {_pct(test['normalized_char_acc'])}"
+                f" | {_pct(test['mean_exact'])} | {_pct(test['normalized_exact'])} |"
+            )
+        lines.append("")
+
+    diffs = [
+        row["max_abs_diff_in_memory_vs_run_merge"]
+        for sub in results["subsets"]
+        for row in sub["rows"].values()
+        if "max_abs_diff_in_memory_vs_run_merge" in row
+    ]
+    lines += [
+        "## Checks",
+        "",
+        f"- The validation grids merged in memory (`merge_state_dicts`); the reported models "
+        f"were merged again by `run_merge`. For the deterministic methods the two agree to "
+        f"max |difference| {max(diffs):.2e} over {len(diffs)} merges.",
+        f"- Tuner: {results['settings']['tuner_budget']} evaluations per subset, bounds and "
+        "start as `mergekit-pcb-tune`'s defaults, objective the validation normalised accuracy.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option(
+    "--out",
+    default="benchmarks/output/quality",
+    show_default=True,
+    help="models, merges and results.json (models are reused from here)",
+)
+@click.option("--results", "results_md", default="benchmarks/quality/RESULTS.md", show_default=True)
+@click.option("--n-val", default=400, show_default=True)
+@click.option("--n-test", default=1000, show_default=True)
+@click.option(
+    "--subsets-per-size",
+    default=2,
+    show_default=True,
+    help="how many random 2-task and 4-task subsets",
+)
+@click.option("--tuner-budget", default=60, show_default=True)
+@click.option("--train-only", is_flag=True, help="build (or reuse) the models and stop")
+def main(
+    out: str,
+    results_md: str,
+    n_val: int,
+    n_test: int,
+    subsets_per_size: int,
+    tuner_budget: int,
+    train_only: bool,
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("mergekit", "transformers", "mergekit_pcb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    began = time.perf_counter()
+    torch.manual_seed(0)
+    splits = make_splits(n_val, n_test, DATA_SEED)
+    experts = {task: expert_training(i, task) for i, task in enumerate(TASK_NAMES)}
+    paths, train_seconds = build_models(
+        os.path.join(out, "models"), MODEL, BASE_TRAINING, experts, splits
+    )
+    if train_only:
+        return
+    study = Study(out, splits, paths)
+    LOG.info(
+        "base mean char acc %.3f; experts on own task %.3f",
+        statistics.mean(s.char_acc for s in study.base_scores["test"].values()),
+        statistics.mean(s.char_acc for s in study.expert_scores["test"].values()),
+    )
+    results: dict[str, Any] = {
+        "reference": {
+            "base": {
+                sp: {t: asdict(v) for t, v in sc.items()} for sp, sc in study.base_scores.items()
+            },
+            "expert_own": {
+                sp: {t: asdict(v) for t, v in sc.items()} for sp, sc in study.expert_scores.items()
+            },
+            "experts": {
+                e: {sp: {t: asdict(v) for t, v in sc.items()} for sp, sc in by_split.items()}
+                for e, by_split in study.expert_all.items()
+            },
+        },
+        "subsets": [],
+    }
+    for tasks in subsets(subsets_per_size):
+        results["subsets"].append(run_subset(study, tasks, tuner_budget))
+    results["settings"] = {
+        "command": "python benchmarks/quality/run_study.py"
+        + (f" {' '.join(sys.argv[1:])}" if sys.argv[1:] else ""),
+        "finished": time.strftime("%Y-%m-%d"),
+        "threads": torch.get_num_threads(),
+        "total_seconds": time.perf_counter() - began,
+        "training_seconds": sum(train_seconds.values()),
+        "model": asdict(MODEL),
+        "parameters": sum(p.numel() for p in study.live.parameters()),
+        "base_training": asdict(BASE_TRAINING),
+        "expert_steps": EXPERT_STEPS,
+        "expert_lr": EXPERT_LR,
+        "n_val": n_val,
+        "n_test": n_test,
+        "data_seed": DATA_SEED,
+        "train_seed": TRAIN_SEED,
+        "subset_seed": SUBSET_SEED,
+        "random_seed": RANDOM_SEED,
+        "tuner_seed": TUNER_SEED,
+        "tuner_budget": tuner_budget,
+    }
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as file:
+        json.dump(results, file, indent=2)
+    with open(results_md, "w", encoding="utf-8") as file:
+        file.write(render_markdown(results))
+    LOG.info(
+        "wrote %s and %s in %.1f min",
+        results_md,
+        os.path.join(out, "results.json"),
+        (time.perf_counter() - began) / 60,
+    )
+
+
+if __name__ == "__main__":
+    main()
