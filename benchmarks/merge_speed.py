@@ -48,8 +48,6 @@ import torch
 import yaml
 from synthetic_160m import DEFAULT_DIR, FINETUNES, models_160m  # benchmarks/ is on sys.path
 
-from mergekit_pcb.synthetic import tiny_llama_config, write_tiny_models
-
 LOG = logging.getLogger("merge_speed")
 
 # Same launcher for all methods: mergekit-yaml's main with pcb registered.
@@ -74,16 +72,7 @@ def _models(directory: str, dtype: str) -> dict[str, str]:
     """The shared bfloat16 set, or the same shapes in another dtype beside it."""
     if dtype == "bfloat16":
         return models_160m(directory)
-    config = tiny_llama_config(  # the shapes of synthetic_160m.models_160m
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-    )
-    return write_tiny_models(
-        f"{directory.rstrip('/')}_{dtype}", FINETUNES, config=config, dtype=DTYPES[dtype]
-    )
+    return models_160m(f"{directory.rstrip('/')}_{dtype}", DTYPES[dtype])
 
 
 def _write_config(

@@ -13,13 +13,19 @@ DEFAULT_DIR = "benchmarks/output/models_160m"
 FINETUNES = ("math", "code", "chat")
 
 
-def models_160m(directory: str = DEFAULT_DIR) -> dict[str, str]:
-    """Name -> folder of ``base`` and the fine-tunes, written on first use."""
-    config = tiny_llama_config(
+def config_160m():
+    """The shared ~160M-parameter Llama shape."""
+    return tiny_llama_config(
         vocab_size=32000,
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=12,
         num_attention_heads=12,
     )
-    return write_tiny_models(directory, FINETUNES, config=config, dtype=torch.bfloat16)
+
+
+def models_160m(
+    directory: str = DEFAULT_DIR, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, str]:
+    """Name -> folder of ``base`` and the fine-tunes, written on first use."""
+    return write_tiny_models(directory, FINETUNES, config=config_160m(), dtype=dtype)
