@@ -73,7 +73,3 @@ def normalized_mean(
     """Mean over tasks of score / reference score (the task's expert)."""
     values = [getattr(scores[t], metric) / max(getattr(reference[t], metric), 1e-9) for t in scores]
     return sum(values) / len(values)
-
-
-def mean(scores: dict[str, Score], metric: str = "char_acc") -> float:
-    return sum(getattr(s, metric) for s in scores.values()) / len(scores)

@@ -39,7 +39,7 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from quality_eval import Score, score_tasks
+from quality_eval import Score, normalized_mean, score_tasks
 from quality_merge import (
     ABLATIONS,
     METHODS,
@@ -98,19 +98,13 @@ def _state(path: str) -> dict[str, torch.Tensor]:
     return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-def _normalized(scores: dict[str, Score], expert: dict[str, Score], metric: str) -> float:
-    return statistics.mean(
-        getattr(scores[t], metric) / max(getattr(expert[t], metric), 1e-9) for t in scores
-    )
-
-
 def _summary(scores: dict[str, Score], expert: dict[str, Score]) -> dict[str, Any]:
     return {
         "tasks": {t: asdict(s) for t, s in scores.items()},
         "mean_char_acc": statistics.mean(s.char_acc for s in scores.values()),
         "mean_exact": statistics.mean(s.exact for s in scores.values()),
-        "normalized_char_acc": _normalized(scores, expert, "char_acc"),
-        "normalized_exact": _normalized(scores, expert, "exact"),
+        "normalized_char_acc": normalized_mean(scores, expert, "char_acc"),
+        "normalized_exact": normalized_mean(scores, expert, "exact"),
     }
 
 
@@ -155,7 +149,7 @@ class Study:
         for setting in spec.grid():
             merged = merge_in_memory(spec, setting, self.base_state, experts)
             scores = self.score_state(merged, "val", tasks)
-            value = _normalized(scores, self.expert_scores["val"], "char_acc")
+            value = normalized_mean(scores, self.expert_scores["val"], "char_acc")
             trials.append({"setting": setting, "val_normalized_char_acc": value})
         best = max(trials, key=lambda trial: trial["val_normalized_char_acc"])
         return {"setting": best["setting"], "trials": trials}
@@ -201,7 +195,7 @@ class Study:
 
         def objective(model, tokenizer) -> float:
             scores = score_tasks(model, tokenizer, self.splits.val, tasks)
-            return _normalized(scores, self.expert_scores["val"], "char_acc")
+            return normalized_mean(scores, self.expert_scores["val"], "char_acc")
 
         settings = SearchSettings(budget=budget, seed=TUNER_SEED)
         began = time.perf_counter()
