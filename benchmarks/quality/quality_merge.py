@@ -38,11 +38,11 @@ LOG = logging.getLogger(__name__)
 RANDOM_SEED = 1234
 
 # Methods that sum task vectors (no normalisation by the sum of weights) want a
-# lambda near 1/n; those that average (ties, della, pcb) want lambda near 1 (the PCB
-# paper's grid runs 0.8 to 2.2; a first run of this study picked the grid's lower
-# edges, so both grids reach lower).
-SUM_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
-MEAN_LAMBDAS = (0.4, 0.6, 0.8, 1.0, 1.3, 1.6)
+# lambda near 1/n to 1; those that average (ties, della, pcb) want lambda near 1 or
+# above (the PCB paper's grid runs 0.8 to 2.2). Both grids span the values chosen in
+# earlier runs of this study with room on each side.
+SUM_LAMBDAS = (0.15, 0.3, 0.45, 0.6, 0.8, 1.0)
+MEAN_LAMBDAS = (0.6, 0.8, 1.0, 1.3, 1.6, 2.0)
 DENSITIES = (0.1, 0.2, 0.4, 0.7)
 
 

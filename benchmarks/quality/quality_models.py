@@ -1,8 +1,9 @@
 """The study's models: a small Llama trained on the task mixture, and one expert per task.
 
-The base is trained from scratch on a uniform mixture of all tasks; each expert is the
-base fine-tuned on its task alone with a low learning rate and few steps, so that the
-fine-tune is a modest change of the base (a task vector in the usual sense). Models are
+The base is trained from scratch on a uniform mixture of all tasks, on half of each
+task's keys; each expert is the base fine-tuned on its task alone, all keys, with a low
+learning rate and few steps, so that the fine-tune is a modest change of the base (a
+task vector in the usual sense) that teaches the keys the base never saw. Models are
 written with ``save_pretrained`` (float32 safetensors) next to a ``train.json`` holding
 the settings that made them; a folder whose settings match is reused, not retrained.
 """
@@ -38,9 +39,10 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One training run: the base (all tasks) or an expert (one task, from the base)."""
+    """One training run: the base (all tasks, some keys) or an expert (one task, from the base)."""
 
     tasks: tuple[str, ...]
+    keys: tuple[int, ...]
     steps: int
     lr: float
     batch_size: int
@@ -121,7 +123,7 @@ def train(
 ) -> float:
     """Train ``model`` in place; return the mean loss of the last 10% of steps."""
     torch.manual_seed(settings.seed)
-    stream = TrainStream(settings.tasks, splits, seed=settings.seed)
+    stream = TrainStream(settings.tasks, settings.keys, splits, seed=settings.seed)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
     )

@@ -1,11 +1,15 @@
 """The generated tasks of the quality study, and their disjoint train / val / test splits.
 
-Every task maps a short prompt (a task tag, a space, the input, ``=``) to a short answer
-of a fixed length (1 or 3 characters), so that per-character accuracy under teacher
-forcing is a smooth score, and a whole answer is right exactly when greedy decoding would
-produce it. Splits are drawn with fixed seeds: the test set first, then the validation
-set avoiding it; training examples are drawn on the fly and never equal a validation or
-test prompt.
+Every task is a family of six related functions picked by a key ``k`` in 1..6 that is
+part of the prompt (``rot3 abc=`` shifts ``abc`` by 3). The base model trains on keys 1
+to 3 of every task (``BASE_KEYS``); each expert trains on all six keys of its task. So
+the base knows half of every task and is at chance on the other half, an expert knows
+all of its task, and what a merge keeps of each expert's new half is visible in the
+score (per-character accuracy over short answers, smooth in how much was kept).
+
+Splits are drawn with fixed seeds over all keys: the test set first, then the
+validation set avoiding it; training examples are drawn on the fly and never equal a
+validation or test prompt.
 """
 
 from __future__ import annotations
@@ -17,26 +21,33 @@ from dataclasses import dataclass
 
 LETTERS = string.ascii_lowercase
 DIGITS = string.digits
+KEYS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+BASE_KEYS: tuple[int, ...] = (1, 2, 3)
+# One fixed letter substitution per key for the enc / dec pair.
+_CIPHERS = {k: "".join(random.Random(100 + k).sample(LETTERS, len(LETTERS))) for k in KEYS}
+_FIND_ALPHABET = "abcdef"
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str
     answer: str
+    key: int
 
 
 @dataclass(frozen=True)
 class Task:
-    """A named generator of (input, answer) pairs; ``tag`` starts every prompt."""
+    """A named family of generators of (input, answer) pairs, one per key."""
 
     name: str
     tag: str
     description: str
-    make: Callable[[random.Random], tuple[str, str]]
+    make: Callable[[random.Random, int], tuple[str, str]]
 
-    def sample(self, rng: random.Random) -> Example:
-        given, answer = self.make(rng)
-        return Example(f"{self.tag} {given}=", answer)
+    def sample(self, rng: random.Random, keys: Sequence[int] = KEYS) -> Example:
+        key = rng.choice(keys)
+        given, answer = self.make(rng, key)
+        return Example(f"{self.tag}{key} {given}=", answer, key)
 
 
 def _letters(rng: random.Random, n: int) -> str:
@@ -47,62 +58,62 @@ def _digits(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(DIGITS) for _ in range(n))
 
 
-def _mul(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randrange(100), rng.randrange(100)
-    return f"{a:02d}*{b:02d}", str((a * b) % 10)
-
-
 def _shift_by(s: str, k: int) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in s)
 
 
-def _shift(rng: random.Random) -> tuple[str, str]:
-    k = rng.randrange(1, 6)
+def _shift(rng: random.Random, k: int) -> tuple[str, str]:
     s = _letters(rng, 3)
-    return f"{k}{s}", _shift_by(s, k)
+    return s, _shift_by(s, k)
 
 
-def _unshift(rng: random.Random) -> tuple[str, str]:
-    k = rng.randrange(1, 6)
+def _unshift(rng: random.Random, k: int) -> tuple[str, str]:
     s = _letters(rng, 3)
-    return f"{k}{s}", _shift_by(s, -k)
+    return s, _shift_by(s, -k)
 
 
-def _count(letter: str) -> Callable[[random.Random], tuple[str, str]]:
-    def make(rng: random.Random) -> tuple[str, str]:
-        s = "".join(rng.choice("abc") for _ in range(8))
-        return s, str(s.count(letter))
+def _encode(rng: random.Random, k: int) -> tuple[str, str]:
+    s = _letters(rng, 3)
+    return s, "".join(_CIPHERS[k][LETTERS.index(c)] for c in s)
+
+
+def _decode(rng: random.Random, k: int) -> tuple[str, str]:
+    s = _letters(rng, 3)
+    return s, "".join(LETTERS[_CIPHERS[k].index(c)] for c in s)
+
+
+def _digit_add(rng: random.Random, k: int) -> tuple[str, str]:
+    s = _digits(rng, 3)
+    return s, "".join(str((int(c) + k) % 10) for c in s)
+
+
+def _digit_mul(rng: random.Random, k: int) -> tuple[str, str]:
+    s = _digits(rng, 3)
+    return s, "".join(str(int(c) * (k + 1) % 10) for c in s)
+
+
+def _find(last: bool) -> Callable[[random.Random, int], tuple[str, str]]:
+    def make(rng: random.Random, k: int) -> tuple[str, str]:
+        letter = _FIND_ALPHABET[k - 1]
+        while True:
+            s = "".join(rng.choice(_FIND_ALPHABET) for _ in range(8))
+            if letter in s:
+                return s, str(s.rindex(letter) if last else s.index(letter))
 
     return make
 
 
-def _smallest(rng: random.Random) -> tuple[str, str]:
-    s = _digits(rng, 5)
-    return s, "".join(sorted(s)[:3])
-
-
-def _largest(rng: random.Random) -> tuple[str, str]:
-    s = _digits(rng, 5)
-    return s, "".join(sorted(s, reverse=True)[:3])
-
-
-def _max(rng: random.Random) -> tuple[str, str]:
-    s = _digits(rng, 6)
-    return s, max(s)
-
-
-# Tasks come in pairs that read the same kind of input and differ in the answer (shift
-# and unshift, count a's and b's, smallest and largest), so their experts compete for
-# the same weights; the base learns some tasks well (max) and others partly (mul).
+# Tasks come in pairs that read the same input and differ in the answer, so that their
+# experts compete for the same weights.
 TASKS: tuple[Task, ...] = (
-    Task("mul", "mul", "last digit of a*b, two 2-digit numbers (1 char)", _mul),
-    Task("shift", "rot", "3 letters each shifted forward by k in 1..5 (3 chars)", _shift),
-    Task("unshift", "unr", "3 letters each shifted back by k in 1..5 (3 chars)", _unshift),
-    Task("count_a", "cna", "how many a's among 8 letters from abc (1 char)", _count("a")),
-    Task("count_b", "cnb", "how many b's among 8 letters from abc (1 char)", _count("b")),
-    Task("smallest", "low", "the 3 smallest of 5 digits, ascending (3 chars)", _smallest),
-    Task("largest", "top", "the 3 largest of 5 digits, descending (3 chars)", _largest),
-    Task("max", "max", "the largest of 6 digits (1 char)", _max),
+    Task("shift", "rot", "3 letters each shifted forward by k (3 chars)", _shift),
+    Task("unshift", "unr", "3 letters each shifted back by k (3 chars)", _unshift),
+    Task("encode", "enc", "3 letters through substitution cipher k (3 chars)", _encode),
+    Task("decode", "dec", "3 letters through the inverse of cipher k (3 chars)", _decode),
+    Task("digit_add", "dad", "each of 3 digits plus k, mod 10 (3 chars)", _digit_add),
+    Task("digit_mul", "dmu", "each of 3 digits times k+1, mod 10 (3 chars)", _digit_mul),
+    Task("first", "fst", "index of the first k-th letter of abcdef among 8 (1 char)", _find(False)),
+    Task("last", "lst", "index of the last k-th letter of abcdef among 8 (1 char)", _find(True)),
 )
 TASK_BY_NAME = {task.name: task for task in TASKS}
 
@@ -138,6 +149,7 @@ class Splits:
             "n_test": len(self.test[first]),
             "seed": self.seed,
             "tasks": {t.name: t.description for t in TASKS},
+            "keys": list(KEYS),
         }
 
     def held_out(self, task: str) -> set[str]:
@@ -156,10 +168,13 @@ def make_splits(n_val: int, n_test: int, seed: int) -> Splits:
 
 
 class TrainStream:
-    """Endless training examples of some tasks, never a validation or test prompt."""
+    """Endless training examples of some tasks and keys, never a validation or test prompt."""
 
-    def __init__(self, tasks: Sequence[str], splits: Splits, seed: int) -> None:
+    def __init__(
+        self, tasks: Sequence[str], keys: Sequence[int], splits: Splits, seed: int
+    ) -> None:
         self.tasks = [TASK_BY_NAME[name] for name in tasks]
+        self.keys = tuple(keys)
         self.avoid = {name: splits.held_out(name) for name in tasks}
         self.rng = random.Random(seed)
 
@@ -167,7 +182,7 @@ class TrainStream:
         out = []
         while len(out) < size:
             task = self.rng.choice(self.tasks)
-            example = task.sample(self.rng)
+            example = task.sample(self.rng, self.keys)
             if example.prompt not in self.avoid[task.name]:
                 out.append(example)
         return out

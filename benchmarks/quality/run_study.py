@@ -50,7 +50,7 @@ from quality_merge import (
     mergekit_config,
 )
 from quality_models import ModelSettings, TrainSettings, build_models
-from quality_tasks import TASKS, Splits, make_splits
+from quality_tasks import BASE_KEYS, KEYS, TASKS, Splits, make_splits
 
 from mergekit_pcb.synthetic import tiny_tokenizer
 from mergekit_pcb.tune.cli import tune
@@ -66,7 +66,14 @@ TUNER_SEED = 1
 TASK_NAMES = tuple(task.name for task in TASKS)
 MODEL = ModelSettings()
 BASE_TRAINING = TrainSettings(
-    tasks=TASK_NAMES, steps=3000, lr=3e-3, batch_size=64, seed=TRAIN_SEED, warmup=100, cosine=True
+    tasks=TASK_NAMES,
+    keys=BASE_KEYS,
+    steps=3000,
+    lr=3e-3,
+    batch_size=64,
+    seed=TRAIN_SEED,
+    warmup=100,
+    cosine=True,
 )
 EXPERT_STEPS = 400
 EXPERT_LR = 5e-4
@@ -75,6 +82,7 @@ EXPERT_LR = 5e-4
 def expert_training(task_index: int, task: str) -> TrainSettings:
     return TrainSettings(
         tasks=(task,),
+        keys=KEYS,
         steps=EXPERT_STEPS,
         lr=EXPERT_LR,
         batch_size=64,
@@ -123,6 +131,13 @@ class Study:
         self.base_scores = {
             split: self._score(self.live, split, TASK_NAMES) for split in ("val", "test")
         }
+        # The base on the keys it trained on and on those only the experts saw.
+        self.base_by_keys: dict[str, dict[str, Score]] = {}
+        for part, wanted in (("trained", True), ("unseen", False)):
+            data = {
+                t: [e for e in splits.test[t] if (e.key in BASE_KEYS) == wanted] for t in TASK_NAMES
+            }
+            self.base_by_keys[part] = score_tasks(self.live, self.tokenizer, data, TASK_NAMES)
         # Each task's reference: its own expert on it.
         self.expert_scores: dict[str, dict[str, Score]] = {"val": {}, "test": {}}
         self.expert_all: dict[str, dict[str, dict[str, Score]]] = {}
@@ -226,6 +241,11 @@ def _label_folder(subset: Sequence[str], label: str) -> str:
 
 def run_subset(study: Study, tasks: tuple[str, ...], tuner_budget: int) -> dict[str, Any]:
     rows: dict[str, Any] = {}
+    for label, scores in (("base", study.base_scores), ("experts", study.expert_scores)):
+        rows[label] = {
+            split: _summary({t: scores[split][t] for t in tasks}, study.expert_scores[split])
+            for split in ("val", "test")
+        }
     specs = (*METHODS, *ABLATIONS)
     for spec in tqdm(specs, desc=f"{len(tasks)} tasks", leave=False):
         began = time.perf_counter()
@@ -263,7 +283,13 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def _keys_text(keys: Sequence[int]) -> str:
+    return f"{keys[0]}-{keys[-1]}"
+
+
 def _setting_text(row: dict[str, Any]) -> str:
+    if "setting" not in row:
+        return ""
     setting = row["setting"]
     text = f"λ {setting['lambda']:g}"
     if setting["density"] != 1.0:
@@ -286,9 +312,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"Model: Llama, hidden {s['model']['hidden_size']}, {s['model']['num_hidden_layers']} "
         f"layers, {s['parameters']:,} parameters, character tokenizer. Base: "
-        f"{s['base_training']['steps']} steps on the mixture of all tasks; experts: "
-        f"{s['expert_steps']} steps at lr {s['expert_lr']:g} on one task each. Validation "
-        f"{s['n_val']} and test {s['n_test']} examples per task, disjoint, never trained on. "
+        f"{s['base_training']['steps']} steps on the mixture of all tasks, keys "
+        f"{_keys_text(s['base_training']['keys'])} only; experts: {s['expert_steps']} steps at "
+        f"lr {s['expert_lr']:g} on one task each, all keys {_keys_text(KEYS)}. Validation "
+        f"{s['n_val']} and test {s['n_test']} examples per task over all keys, disjoint, "
+        "never trained on. "
         f"Seeds: data {s['data_seed']}, training {s['train_seed']}, subsets "
         f"{s['subset_seed']}, dare/della drops {s['random_seed']}, tuner {s['tuner_seed']}.",
         "",
@@ -302,14 +330,24 @@ def render_markdown(results: dict[str, Any]) -> str:
         "| model | " + " | ".join(TASK_NAMES) + " | mean |",
         "|---|" + "---:|" * (len(TASK_NAMES) + 1),
     ]
-    base = results["reference"]["base"]["test"]
-    lines.append(
-        "| base | "
-        + " | ".join(_pct(base[t]["char_acc"]) for t in TASK_NAMES)
-        + f" | {_pct(statistics.mean(base[t]['char_acc'] for t in TASK_NAMES))} |"
-    )
+    reference = results["reference"]
+    reference_rows = [
+        ("base", reference["base"]["test"]),
+        (
+            f"base, keys {_keys_text(BASE_KEYS)} only (trained)",
+            reference["base_by_keys"]["trained"],
+        ),
+        ("base, other keys only (unseen)", reference["base_by_keys"]["unseen"]),
+    ]
+    for label, scores in reference_rows:
+        mean = statistics.mean(scores[t]["char_acc"] for t in TASK_NAMES)
+        lines.append(
+            f"| {label} | "
+            + " | ".join(_pct(scores[t]["char_acc"]) for t in TASK_NAMES)
+            + f" | {_pct(mean)} |"
+        )
     for expert in TASK_NAMES:
-        scores = results["reference"]["experts"][expert]["test"]
+        scores = reference["experts"][expert]["test"]
         cells = [
             f"**{_pct(scores[t]['char_acc'])}**" if t == expert else _pct(scores[t]["char_acc"])
             for t in TASK_NAMES
@@ -318,26 +356,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| expert {expert} | " + " | ".join(cells) + f" | {_pct(mean)} |")
     lines += ["", "Bold: each expert on its own task, the denominator of *norm.*", ""]
 
-    labels = [spec.label for spec in METHODS] + ["pcb + tuned weights"]
+    merged = [spec.label for spec in METHODS] + ["pcb + tuned weights"]
+    merged += [spec.label for spec in ABLATIONS]
     lines += ["## Summary: normalised accuracy (test, %)", ""]
     header = [f"{len(sub['tasks'])}: {'+'.join(sub['tasks'])}" for sub in results["subsets"]]
     lines += [
         "| method | " + " | ".join(header) + " | mean |",
         "|---|" + "---:|" * (len(header) + 1),
     ]
-    base_row = [
-        statistics.mean(
-            base[t]["char_acc"] / results["reference"]["expert_own"]["test"][t]["char_acc"]
-            for t in sub["tasks"]
-        )
-        for sub in results["subsets"]
-    ]
-    lines.append(
-        "| base | "
-        + " | ".join(_pct(v) for v in base_row)
-        + f" | {_pct(statistics.mean(base_row))} |"
-    )
-    for label in [*labels, *(spec.label for spec in ABLATIONS)]:
+    for label in ["base", *merged]:
         values = [sub["rows"][label]["test"]["normalized_char_acc"] for sub in results["subsets"]]
         lines.append(
             f"| {label} | "
@@ -356,18 +383,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             + " | mean | norm. | exact | norm. exact |",
             "|---|---|" + "---:|" * (len(tasks) + 4),
         ]
-        own = results["reference"]["expert_own"]["test"]
-        for name, scores in (("base", base), ("experts", own)):
-            mean = statistics.mean(scores[t]["char_acc"] for t in tasks)
-            exact = statistics.mean(scores[t]["exact"] for t in tasks)
-            norm = statistics.mean(scores[t]["char_acc"] / own[t]["char_acc"] for t in tasks)
-            norm_exact = statistics.mean(scores[t]["exact"] / own[t]["exact"] for t in tasks)
-            lines.append(
-                f"| {name} | | "
-                + " | ".join(_pct(scores[t]["char_acc"]) for t in tasks)
-                + f" | {_pct(mean)} | {_pct(norm)} | {_pct(exact)} | {_pct(norm_exact)} |"
-            )
-        for label in [*labels, *(spec.label for spec in ABLATIONS)]:
+        for label in ["base", "experts", *merged]:
             row = sub["rows"][label]
             test = row["test"]
             lines.append(
@@ -453,6 +469,10 @@ def main(
             "experts": {
                 e: {sp: {t: asdict(v) for t, v in sc.items()} for sp, sc in by_split.items()}
                 for e, by_split in study.expert_all.items()
+            },
+            "base_by_keys": {
+                part: {t: asdict(v) for t, v in sc.items()}
+                for part, sc in study.base_by_keys.items()
             },
         },
         "subsets": [],
