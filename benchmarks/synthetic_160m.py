@@ -6,6 +6,7 @@ Made offline once (bfloat16) and reused by every benchmark script.
 from __future__ import annotations
 
 import torch
+from transformers import LlamaConfig
 
 from mergekit_pcb.synthetic import tiny_llama_config, write_tiny_models
 
@@ -13,7 +14,7 @@ DEFAULT_DIR = "benchmarks/output/models_160m"
 FINETUNES = ("math", "code", "chat")
 
 
-def config_160m():
+def config_160m() -> LlamaConfig:
     """The shared ~160M-parameter Llama shape."""
     return tiny_llama_config(
         vocab_size=32000,

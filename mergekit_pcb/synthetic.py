@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -27,8 +28,10 @@ def tiny_llama_config(
     intermediate_size: int = 128,
     num_hidden_layers: int = 2,
     num_attention_heads: int = 4,
+    **extra: Any,
 ) -> LlamaConfig:
-    return LlamaConfig(
+    """A small Llama config; ``extra`` sets any other ``LlamaConfig`` field."""
+    fields: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -38,6 +41,7 @@ def tiny_llama_config(
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    return LlamaConfig(**{**fields, **extra})
 
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")

@@ -24,7 +24,7 @@ from quality_tasks import Example, Splits, TrainStream
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mergekit_pcb.synthetic import tiny_tokenizer
+from mergekit_pcb.synthetic import tiny_llama_config, tiny_tokenizer
 
 LOG = logging.getLogger(__name__)
 
@@ -53,15 +53,14 @@ class TrainSettings:
 
 
 def llama_config(settings: ModelSettings, vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(
+    # Token ids are those of tiny_tokenizer's <s>, </s>, <pad>; 64 positions fit every prompt.
+    return tiny_llama_config(
         vocab_size=vocab_size,
         hidden_size=settings.hidden_size,
         intermediate_size=settings.intermediate_size,
         num_hidden_layers=settings.num_hidden_layers,
         num_attention_heads=settings.num_attention_heads,
-        num_key_value_heads=settings.num_attention_heads,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
