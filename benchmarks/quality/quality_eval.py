@@ -39,7 +39,10 @@ def _encoded(
         targets = labels[:, 1:].clone()
         # Only the answer characters: drop the eos label that closes each answer.
         targets[targets == tokenizer.eos_token_id] = -100
-        batches.append((ids, mask, targets))
+        # Positions after the last scored one predict nothing that is scored; the
+        # forward pass is the study's main cost, so leave them out (rows are right-padded).
+        width = int((targets != -100).any(0).nonzero().max()) + 1
+        batches.append((ids[:, :width], mask[:, :width], targets[:, :width]))
     _ENCODED[id(examples)] = (examples, batches)
     return batches
 
@@ -51,7 +54,7 @@ def score_task(
     """Per-character accuracy and exact match over the answer characters (not ``eos``)."""
     right_chars = total_chars = right_rows = 0
     for ids, mask, targets in _encoded(tokenizer, examples, batch_size):
-        predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+        predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
         scored = targets != -100
         correct = (predicted == targets) & scored
         right_chars += int(correct.sum())

@@ -1,9 +1,10 @@
 """The study's models: a small Llama trained on the task mixture, and one expert per task.
 
 The base is trained from scratch on a uniform mixture of all tasks, on half of each
-task's keys; each expert is the base fine-tuned on its task alone, all keys, with a low
-learning rate and few steps, so that the fine-tune is a modest change of the base (a
-task vector in the usual sense) that teaches the keys the base never saw. Models are
+task's keys; each expert is the base fine-tuned on its task, all keys, with a low
+learning rate and few steps, half of each batch replaying the base's mixture, so that
+the fine-tune is a modest change of the base (a task vector in the usual sense) that
+teaches the keys the base never saw and keeps what the base knew. Models are
 written with ``save_pretrained`` (float32 safetensors) next to a ``train.json`` holding
 the settings that made them; a folder whose settings match is reused, not retrained.
 """
@@ -39,7 +40,11 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One training run: the base (all tasks, some keys) or an expert (one task, from the base)."""
+    """One training run: the base (all tasks, some keys) or an expert (one task, from the base).
+
+    ``replay`` is the fraction of training examples drawn from ``replay_tasks`` on
+    ``replay_keys`` rather than from ``tasks`` on ``keys``.
+    """
 
     tasks: tuple[str, ...]
     keys: tuple[int, ...]
@@ -50,6 +55,9 @@ class TrainSettings:
     warmup: int = 0
     cosine: bool = False
     weight_decay: float = 0.0
+    replay: float = 0.0
+    replay_tasks: tuple[str, ...] = ()
+    replay_keys: tuple[int, ...] = ()
 
 
 def llama_config(settings: ModelSettings, vocab_size: int) -> LlamaConfig:
@@ -122,7 +130,15 @@ def train(
 ) -> float:
     """Train ``model`` in place; return the mean loss of the last 10% of steps."""
     torch.manual_seed(settings.seed)
-    stream = TrainStream(settings.tasks, settings.keys, splits, seed=settings.seed)
+    stream = TrainStream(
+        settings.tasks,
+        settings.keys,
+        splits,
+        seed=settings.seed,
+        replay=settings.replay,
+        replay_tasks=settings.replay_tasks,
+        replay_keys=settings.replay_keys,
+    )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
     )
@@ -147,11 +163,13 @@ def train(
 
 def _meta(model_settings: ModelSettings, chain: Sequence[TrainSettings], splits: Splits) -> dict:
     # The held-out prompts are part of the key: training avoided exactly these.
-    return {
+    meta = {
         "model": asdict(model_settings),
         "training": [asdict(s) for s in chain],
         "held_out": splits.identity(),
     }
+    # As train.json will hold it (tuples become lists), so that a cached copy compares equal.
+    return json.loads(json.dumps(meta))
 
 
 def _is_cached(path: str, meta: dict) -> bool:

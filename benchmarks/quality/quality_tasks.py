@@ -26,7 +26,8 @@ KEYS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 BASE_KEYS: tuple[int, ...] = (1, 2, 3)
 # One fixed letter substitution per key for the enc / dec pair.
 _CIPHERS = {k: "".join(random.Random(100 + k).sample(LETTERS, len(LETTERS))) for k in KEYS}
-_FIND_ALPHABET = "abcdef"
+# One fixed keyword of three shifts per key for the Vigenere pair (shift i for letter i).
+_KEYWORDS = {k: tuple(random.Random(200 + k).sample(range(1, 26), 3)) for k in KEYS}
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,12 @@ def _digit_mul(rng: random.Random, k: int) -> tuple[str, str]:
     return s, "".join(str(int(c) * (k + 1) % 10) for c in s)
 
 
-def _find(last: bool) -> Callable[[random.Random, int], tuple[str, str]]:
+def _vigenere(sign: int) -> Callable[[random.Random, int], tuple[str, str]]:
     def make(rng: random.Random, k: int) -> tuple[str, str]:
-        letter = _FIND_ALPHABET[k - 1]
-        while True:
-            s = "".join(rng.choice(_FIND_ALPHABET) for _ in range(8))
-            if letter in s:
-                return s, str(s.rindex(letter) if last else s.index(letter))
+        s = _letters(rng, 3)
+        return s, "".join(
+            _shift_by(c, sign * shift) for c, shift in zip(s, _KEYWORDS[k], strict=True)
+        )
 
     return make
 
@@ -113,8 +113,8 @@ TASKS: tuple[Task, ...] = (
     Task("decode", "dec", "3 letters through the inverse of cipher k (3 chars)", _decode),
     Task("digit_add", "dad", "each of 3 digits plus k, mod 10 (3 chars)", _digit_add),
     Task("digit_mul", "dmu", "each of 3 digits times k+1, mod 10 (3 chars)", _digit_mul),
-    Task("first", "fst", "index of the first k-th letter of abcdef among 8 (1 char)", _find(False)),
-    Task("last", "lst", "index of the last k-th letter of abcdef among 8 (1 char)", _find(True)),
+    Task("vigenere", "vig", "3 letters shifted forward by keyword k (3 chars)", _vigenere(1)),
+    Task("unvigenere", "unv", "3 letters shifted back by keyword k (3 chars)", _vigenere(-1)),
 )
 TASK_BY_NAME = {task.name: task for task in TASKS}
 
@@ -169,21 +169,43 @@ def make_splits(n_val: int, n_test: int, seed: int) -> Splits:
 
 
 class TrainStream:
-    """Endless training examples of some tasks and keys, never a validation or test prompt."""
+    """Endless training examples of some tasks and keys, never a validation or test prompt.
+
+    With ``replay`` > 0, that fraction of the examples comes from ``replay_tasks`` on
+    ``replay_keys`` instead (an expert replaying the base's mixture).
+    """
 
     def __init__(
-        self, tasks: Sequence[str], keys: Sequence[int], splits: Splits, seed: int
+        self,
+        tasks: Sequence[str],
+        keys: Sequence[int],
+        splits: Splits,
+        seed: int,
+        replay: float = 0.0,
+        replay_tasks: Sequence[str] = (),
+        replay_keys: Sequence[int] = (),
     ) -> None:
+        if replay and not (replay_tasks and replay_keys):
+            raise ValueError("replay needs replay_tasks and replay_keys")
         self.tasks = [TASK_BY_NAME[name] for name in tasks]
         self.keys = tuple(keys)
-        self.avoid = {name: splits.held_out(name) for name in tasks}
+        self.replay = replay
+        self.replay_tasks = [TASK_BY_NAME[name] for name in replay_tasks]
+        self.replay_keys = tuple(replay_keys)
+        self.avoid = {name: splits.held_out(name) for name in {*tasks, *replay_tasks}}
         self.rng = random.Random(seed)
 
     def batch(self, size: int) -> list[Example]:
         out = []
         while len(out) < size:
-            task = self.rng.choice(self.tasks)
-            example = task.sample(self.rng, self.keys)
+            # No draw for the replay coin when there is no replay: the base's stream
+            # stays the one it was before replay existed.
+            if self.replay and self.rng.random() < self.replay:
+                tasks, keys = self.replay_tasks, self.replay_keys
+            else:
+                tasks, keys = self.tasks, self.keys
+            task = self.rng.choice(tasks)
+            example = task.sample(self.rng, keys)
             if example.prompt not in self.avoid[task.name]:
                 out.append(example)
         return out

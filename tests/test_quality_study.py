@@ -1,0 +1,135 @@
+"""The merge-quality study's own machinery (benchmarks/quality): the parts its numbers rest on.
+
+The study itself is too slow for the test suite; these check the shortcuts it takes
+(lambda scaling, trimmed scoring), the expert replay, and that its model cache is reused.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quality"
+    ),
+)
+
+from quality_eval import score_task
+from quality_merge import ABLATIONS, METHODS, merge_in_memory, scale_merge
+from quality_models import (
+    ModelSettings,
+    TrainSettings,
+    build_models,
+    encode_batch,
+    llama_config,
+)
+from quality_tasks import BASE_KEYS, KEYS, TASKS, TrainStream, make_splits
+
+from mergekit_pcb.synthetic import tiny_tokenizer
+
+TASK_NAMES = tuple(task.name for task in TASKS)
+
+
+def _states(n_experts: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"layer.weight": (16, 24), "layer.bias": (24,), "other.weight": (8, 8)}
+    base = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    experts = {
+        f"e{i}": {
+            name: tensor + 0.1 * torch.randn(tensor.shape, generator=generator)
+            for name, tensor in base.items()
+        }
+        for i in range(n_experts)
+    }
+    return base, experts
+
+
+@pytest.mark.parametrize("spec", (*METHODS, *ABLATIONS), ids=lambda spec: spec.label)
+def test_scaled_merge_is_the_merge_at_that_lambda(spec) -> None:
+    base, experts = _states(3)
+    density = spec.densities[1] if len(spec.densities) > 1 else spec.densities[0]
+    unit = merge_in_memory(spec, {"density": density, "lambda": 1.0}, base, experts)
+    for lam in (0.3, 1.6):
+        direct = merge_in_memory(spec, {"density": density, "lambda": lam}, base, experts)
+        scaled = scale_merge(base, unit, lam)
+        for name, tensor in direct.items():
+            torch.testing.assert_close(scaled[name], tensor, rtol=1e-5, atol=1e-6)
+        # Not trivially equal: the merge moved away from the base.
+        assert any(not torch.equal(direct[name], base[name]) for name in base)
+
+
+def test_replay_draws_the_base_mixture_and_never_a_held_out_prompt() -> None:
+    splits = make_splits(20, 20, seed=0)
+    stream = TrainStream(
+        ("shift",), KEYS, splits, seed=3, replay=0.5, replay_tasks=TASK_NAMES, replay_keys=BASE_KEYS
+    )
+    examples = stream.batch(4000)
+    held_out = {name: splits.held_out(name) for name in TASK_NAMES}
+    tags = {task.tag: task.name for task in TASKS}
+    others = 0
+    for example in examples:
+        task = tags[example.prompt[:3]]
+        assert example.prompt not in held_out[task]
+        if task != "shift":
+            others += 1
+            assert example.key in BASE_KEYS
+    # Half the draws replay the mixture of 8 tasks, one of which is shift itself.
+    assert abs(others / len(examples) - 0.5 * 7 / 8) < 0.03
+    assert {e.key for e in examples if e.prompt.startswith("rot")} == set(KEYS)
+
+
+def test_replay_needs_its_tasks_and_keys() -> None:
+    splits = make_splits(5, 5, seed=0)
+    with pytest.raises(ValueError, match="replay needs replay_tasks and replay_keys"):
+        TrainStream(("shift",), KEYS, splits, seed=0, replay=0.5)
+
+
+def test_trimmed_scoring_matches_a_full_forward_pass() -> None:
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(ModelSettings(32, 64, 1, 2), len(tokenizer))).eval()
+    examples = make_splits(40, 5, seed=0).val["encode"]
+    score = score_task(model, tokenizer, examples)
+    # Second computation: the whole padded sequence, answer positions picked by hand.
+    ids, mask, labels = encode_batch(tokenizer, examples)
+    with torch.no_grad():
+        predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    right = total = exact = 0
+    for row, example in enumerate(examples):
+        start = int((labels[row] != -100).nonzero()[0])
+        hits = [
+            int(predicted[row, start + i - 1]) == int(labels[row, start + i])
+            for i in range(len(example.answer))
+        ]
+        right += sum(hits)
+        total += len(hits)
+        exact += all(hits)
+    assert score.char_acc == pytest.approx(right / total)
+    assert score.exact == pytest.approx(exact / len(examples))
+
+
+def test_trained_models_are_reused_and_only_changed_ones_retrained(tmp_path) -> None:
+    splits = make_splits(5, 5, seed=0)
+    model = ModelSettings(32, 64, 1, 2)
+    base = TrainSettings(tasks=TASK_NAMES, keys=BASE_KEYS, steps=2, lr=1e-3, batch_size=4, seed=0)
+
+    def expert(task: str, steps: int = 2) -> TrainSettings:
+        return TrainSettings(
+            tasks=(task,), keys=KEYS, steps=steps, lr=1e-3, batch_size=4, seed=1,
+            replay=0.5, replay_tasks=TASK_NAMES, replay_keys=BASE_KEYS,
+        )  # fmt: skip
+
+    experts = {"shift": expert("shift"), "encode": expert("encode")}
+    _, first = build_models(str(tmp_path), model, base, experts, splits)
+    assert set(first) == {"base", "shift", "encode"}
+    _, second = build_models(str(tmp_path), model, base, experts, splits)
+    assert second == {}
+    experts["encode"] = expert("encode", steps=3)
+    _, third = build_models(str(tmp_path), model, base, experts, splits)
+    assert set(third) == {"encode"}
