@@ -2,11 +2,11 @@
 
 Every task is a family of six related functions picked by a key ``k`` in 1..6 that is
 part of the prompt (``rot3 abc=`` shifts ``abc`` by 3). The base model trains on keys 1
-to 3 of every task (``BASE_KEYS``); each expert trains on all six keys of its task. So
-the base can know at most half of every task and is near chance on the other half, an
-expert learns the rest of its task, and what a merge keeps of each expert's new half is
-visible in the score (per-character accuracy over short answers, smooth in how much was
-kept).
+to 3 of every task (``BASE_KEYS``); each expert trains on all six keys of its task (and
+replays the base's mixture: ``TrainStream``'s ``replay``). So the base can know at most
+half of every task and is near chance on the other half, an expert learns the rest of
+its task, and what a merge keeps of each expert's new half is visible in the score
+(per-character accuracy over short answers, smooth in how much was kept).
 
 Splits are drawn with fixed seeds over all keys: the test set first, then the
 validation set avoiding it; training examples are drawn on the fly and never equal a
