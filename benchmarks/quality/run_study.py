@@ -71,7 +71,7 @@ MODEL = ModelSettings()
 EXPERT_STEPS = 400
 EXPERT_LR = 2e-4
 # Without replay an expert forgets much of the other tasks (``--expert-replay 0``: up
-# to 30 points), and merged experts then undo each other; half-batches of the base's
+# to 32 points), and merged experts then undo each other; half-batches of the base's
 # mixture keep the task vector to what the task needs.
 EXPERT_REPLAY = 0.5
 
@@ -115,6 +115,10 @@ def subsets(per_size: int) -> list[tuple[str, ...]]:
             drawn.add(tuple(sorted(rng.sample(TASK_NAMES, size), key=TASK_NAMES.index)))
         chosen += sorted(drawn)
     return [*chosen, TASK_NAMES]
+
+
+def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[name].float() - b[name]).abs().max()) for name in b)
 
 
 def _state(path: str) -> dict[str, torch.Tensor]:
@@ -173,7 +177,11 @@ class Study:
         return self._score(self.live, split, tasks)
 
     def grid_search(self, spec: MethodSpec, tasks: Sequence[str]) -> dict[str, Any]:
-        """Every grid setting scored on validation; the best one by normalised accuracy."""
+        """Every grid setting scored on validation; the best one by normalised accuracy.
+
+        Also returns the best setting merged directly (``merged``), which checks the
+        scaled grid and is the in-memory merge ``test_merge`` compares with ``run_merge``.
+        """
         experts = {t: self.expert_states[t] for t in tasks}
         trials = []
         units = {}
@@ -193,9 +201,8 @@ class Study:
         return {
             "setting": best,
             "trials": trials,
-            "max_abs_diff_scaled_vs_direct": max(
-                float((scaled[k] - direct[k]).abs().max()) for k in direct
-            ),
+            "merged": direct,
+            "max_abs_diff_scaled_vs_direct": _max_abs_diff(scaled, direct),
         }
 
     def test_merge(
@@ -205,8 +212,12 @@ class Study:
         tasks: Sequence[str],
         folder: str,
         weights: Sequence[float] | None = None,
+        in_memory: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
-        """Merge through ``run_merge`` and score the written model on both splits."""
+        """Merge through ``run_merge`` and score the written model on both splits.
+
+        ``in_memory`` is the same merge from ``merge_in_memory`` when the caller has it.
+        """
         config = mergekit_config(
             spec, setting, self.paths["base"], {t: self.paths[t] for t in tasks}, weights
         )
@@ -221,12 +232,11 @@ class Study:
         }
         if not spec.random:
             # The grid ran in memory: check it is the merge mergekit-yaml writes.
-            in_memory = merge_in_memory(
-                spec, setting, self.base_state, {t: self.expert_states[t] for t in tasks}, weights
-            )
-            written = model.state_dict()
-            row["max_abs_diff_in_memory_vs_run_merge"] = max(
-                float((in_memory[k].float() - written[k]).abs().max()) for k in written
+            if in_memory is None:
+                experts = {t: self.expert_states[t] for t in tasks}
+                in_memory = merge_in_memory(spec, setting, self.base_state, experts, weights)
+            row["max_abs_diff_in_memory_vs_run_merge"] = _max_abs_diff(
+                in_memory, model.state_dict()
             )
         return row
 
@@ -279,7 +289,13 @@ def run_subset(study: Study, tasks: tuple[str, ...], tuner_budget: int) -> dict[
     for spec in tqdm(specs, desc=f"{len(tasks)} tasks", leave=False):
         began = time.perf_counter()
         search = study.grid_search(spec, tasks)
-        row = study.test_merge(spec, search["setting"], tasks, _label_folder(tasks, spec.label))
+        row = study.test_merge(
+            spec,
+            search["setting"],
+            tasks,
+            _label_folder(tasks, spec.label),
+            in_memory=search["merged"],
+        )
         row["grid"] = search["trials"]
         row["max_abs_diff_scaled_vs_direct"] = search["max_abs_diff_scaled_vs_direct"]
         row["seconds"] = time.perf_counter() - began
@@ -425,18 +441,13 @@ def render_markdown(results: dict[str, Any]) -> str:
             )
         lines.append("")
 
-    diffs = [
-        row["max_abs_diff_in_memory_vs_run_merge"]
-        for sub in results["subsets"]
-        for row in sub["rows"].values()
-        if "max_abs_diff_in_memory_vs_run_merge" in row
-    ]
-    scaled = [
-        row["max_abs_diff_scaled_vs_direct"]
-        for sub in results["subsets"]
-        for row in sub["rows"].values()
-        if "max_abs_diff_scaled_vs_direct" in row
-    ]
+    def recorded(key: str) -> list[float]:
+        return [
+            row[key] for sub in results["subsets"] for row in sub["rows"].values() if key in row
+        ]
+
+    diffs = recorded("max_abs_diff_in_memory_vs_run_merge")
+    scaled = recorded("max_abs_diff_scaled_vs_direct")
     lines += [
         "## Checks",
         "",
