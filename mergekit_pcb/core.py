@@ -128,9 +128,24 @@ def _kth_smallest(
     return torch.kthvalue(row, index + 1).values
 
 
-def _sorted_index(numel: int, fraction: float) -> int:
+def quantile_index(numel: int, fraction: float) -> int:
     """``int(numel * fraction)``, the reference's quantile index, kept inside the row."""
     return min(max(int(numel * fraction), 0), numel - 1)
+
+
+def clamp_indices(numel: int, clamp_ratio: float) -> tuple[int, int]:
+    """Sorted indices of the outlier-clamp bounds of ``|t|`` over ``numel`` entries.
+
+    The lower bound is at ``int(numel * c)``; the upper one at ``int(numel * (1 - c)) - 1``,
+    which the reference indexes Python-style, so ``-1`` (tiny rows) means the last.
+    """
+    hi_index = int(numel * (1.0 - clamp_ratio)) - 1
+    return quantile_index(numel, clamp_ratio), numel - 1 if hi_index < 0 else hi_index
+
+
+def drop_index(numel: int, density: float) -> int:
+    """Sorted index of the drop threshold: the ``(1 - density)`` quantile of the score."""
+    return quantile_index(numel, 1.0 - density)
 
 
 @dataclass(frozen=True)
@@ -189,13 +204,8 @@ def clamp_bounds(
     if clamp_ratio <= 0:
         low, high = magnitude.aminmax()
         return low, high
-    hi_index = int(d * (1.0 - clamp_ratio)) - 1
-    if hi_index < 0:  # Python indexing of the reference: -1 is the last element
-        hi_index = d - 1
-    return (
-        _kth_smallest(magnitude, _sorted_index(d, clamp_ratio), masks),
-        _kth_smallest(magnitude, hi_index, masks),
-    )
+    lo_index, hi_index = clamp_indices(d, clamp_ratio)
+    return _kth_smallest(magnitude, lo_index, masks), _kth_smallest(magnitude, hi_index, masks)
 
 
 def balance(
@@ -268,7 +278,7 @@ def drop_threshold(
     masks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-tensor (1 - density) quantile of the score, by selection."""
-    return _kth_smallest(score, _sorted_index(score.numel(), 1.0 - density), masks)
+    return _kth_smallest(score, drop_index(score.numel(), density), masks)
 
 
 def balanced_rows(

@@ -28,9 +28,10 @@ from mergekit_pcb.core import (
     ModelStats,
     NonFiniteInputError,
     PCBOptions,
-    _sorted_index,
     balance,
+    clamp_indices,
     column_sum,
+    drop_index,
     task_vector,
 )
 
@@ -159,9 +160,7 @@ def whole_model_stats(
 
     # Pass 2: the exact clamp quantiles of |t| (the reference's sorted indices).
     if clamp:
-        c = options.clamp_ratio
-        hi_rank = int(total * (1.0 - c)) - 1
-        ranks = [_sorted_index(total, c), total - 1 if hi_rank < 0 else hi_rank]
+        ranks = clamp_indices(total, options.clamp_ratio)
         for select in selects:
             select.finish_high(ranks)
         for i, magnitude in magnitudes("pass 2/4 (|t|)"):
@@ -190,7 +189,7 @@ def whole_model_stats(
         top[i] = max(top[i], float(score.max()))
     for i in range(n):
         if nonzero[i]:
-            score_selects[i].finish_high([_sorted_index(total, 1.0 - densities[i])])
+            score_selects[i].finish_high([drop_index(total, densities[i])])
     for i, score in scores("pass 4/4 (score)"):
         score_selects[i].add_low(score)
 
