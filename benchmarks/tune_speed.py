@@ -4,7 +4,7 @@ On a synthetic Llama of about 160M parameters (base + 3 fine-tunes, bfloat16, ma
 offline and cached), measured side by side in one run:
 
 * ``capture``: the tuner's one-off pass computing every model's contributions;
-* ``tuner candidate``: writing one candidate into the live model (``LinearMerge.apply``);
+* ``tuner candidate``: writing one candidate into the live model (``Contributions.apply``);
 * ``full merge``: what a tuner without the linearity would do per candidate, a full
   ``pcb`` merge by mergekit (``run_merge`` to disk) and loading the result;
 * ``objective``: one evaluation of a small validation loss, the same for both, so
@@ -32,7 +32,7 @@ from synthetic_160m import DEFAULT_DIR, models_160m  # benchmarks/ is on sys.pat
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
-from mergekit_pcb.tune.linear import capture_linear_merge
+from mergekit_pcb.tune.capture import capture_contributions
 from mergekit_pcb.tune.objectives import Example, completion_loss
 
 LOG = logging.getLogger("tune_speed")
@@ -74,17 +74,17 @@ def main(workdir: str, models: str, candidates: int) -> None:
     examples = [Example(f"{i}+{i}=", str(2 * i)) for i in range(8)]
 
     began = time.perf_counter()
-    linear = capture_linear_merge(_config(paths, weights[0]), MergeOptions(quiet=True))
+    contributions = capture_contributions(_config(paths, weights[0]), MergeOptions(quiet=True))
     capture = time.perf_counter() - began
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16)
-    linear.load_fixed(model)
+    contributions.load_fixed(model)
 
     tuner, objective, full = [], [], []
     scratch = tempfile.mkdtemp(prefix="tune_speed-")
     try:
         for w in weights:
             began = time.perf_counter()
-            linear.apply(model, w)
+            contributions.apply(model, w)
             tuner.append(time.perf_counter() - began)
             began = time.perf_counter()
             completion_loss(model, tokenizer, examples)

@@ -1,18 +1,20 @@
 """mergekit glue: the ``pcb`` merge method, its parameters, and its registration.
 
 mergekit 0.1.5 hands a method one output tensor at a time (a ``TensorGroup``); this
-module checks the inputs, calls :func:`mergekit_pcb.core.pcb_merge`, and returns the
-result in the input dtype. The tensor math lives in ``core.py``.
+module reads the bound parameters (:func:`prepare_group`), calls
+:func:`mergekit_pcb.core.pcb_merge`, and returns the result in the input dtype. The
+tensor math lives in ``core.py``, the whole-model statistics of ``scope: model`` in
+``model_scope.py``. Nothing here is mutable at module level: mergekit's multi-GPU
+executor calls ``merge_group`` from several threads.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
@@ -25,19 +27,19 @@ from mergekit.merge_methods import (
     ParameterScope,
     TensorGroup,
 )
-from mergekit.merge_methods.base import ParameterSpec
 from pydantic import AfterValidator
 
+from mergekit_pcb._mergekit_compat import ParameterSpec
 from mergekit_pcb.core import (
     ModelStats,
     NonFiniteInputError,
     PCBOptions,
     check_clamp_ratio,
     check_density,
-    pcb_contributions,
     pcb_merge,
 )
-from mergekit_pcb.whole_model import whole_model_stats
+from mergekit_pcb.errors import MergeInputError, non_finite_input
+from mergekit_pcb.model_scope import group_model_stats
 
 LOG = logging.getLogger(__name__)
 
@@ -126,43 +128,63 @@ PCB_SPEC = MergeMethodSpec(
 PARAMETER_NAMES = frozenset(p.name for p in PCB_SPEC.parameters)
 
 
-def _name_non_finite_input(group: TensorGroup) -> ValueError:
+def _locate_non_finite(group: TensorGroup) -> ValueError:
     """The error naming the model and tensor holding NaN or Inf (core found one)."""
     for entry in group.entries:
         if not bool(torch.isfinite(entry.tensor).all()):
-            role = "base model" if entry.is_base else "model"
-            return ValueError(
-                f"pcb: {role} {entry.id} has NaN or Inf values in tensor "
-                f"{group.metadata.name or '<unnamed>'}"
-            )
-    return ValueError(  # finite inputs whose difference overflows float32
+            return non_finite_input(entry.id, is_base=entry.is_base, tensor=group.metadata.name)
+    return MergeInputError(  # finite inputs whose difference overflows float32
         f"pcb: task vectors of tensor {group.metadata.name or '<unnamed>'} overflow float32"
     )
 
 
-#: Receives (tensor name, group, contributions, lambda) while contributions are captured.
-ContributionSink = Callable[[str, TensorGroup, torch.Tensor, float], None]
-_contribution_sink: ContributionSink | None = None
+@dataclass(frozen=True)
+class PCBInputs:
+    """One tensor group's inputs and settings, ready for the kernels of ``core``."""
+
+    base: torch.Tensor
+    finetuned: list[torch.Tensor]
+    weights: list[float]
+    densities: list[float]
+    lam: float
+    options: PCBOptions
+    stats: list[ModelStats | None] | None  # whole-model statistics (scope: model)
+
+
+def prepare_group(group: TensorGroup, parameters: dict[str, Any]) -> PCBInputs:
+    """Read the bound parameters of ``group`` (and its whole-model statistics if asked).
+
+    Shared by :class:`PCBMerge` and anything else that needs what ``pcb`` would compute
+    for a group (the tuner's capture), so that both resolve a config identically.
+    """
+    entries = group.non_base
+    densities = parameters["density"].values_for(entries)
+    options = PCBOptions(
+        clamp_ratio=parameters["clamp_ratio"],
+        intra_balance=parameters["intra_balance"],
+        inter_balance=parameters["inter_balance"],
+    )
+    stats = None
+    if parameters["scope"] == "model" and entries:
+        stats = group_model_stats(group, densities, options)
+    return PCBInputs(
+        base=group.base.tensor,
+        finetuned=[entry.tensor for entry in entries],
+        weights=parameters["weight"].values_for(entries),
+        densities=densities,
+        lam=parameters["lambda"],
+        options=options,
+        stats=stats,
+    )
 
 
 @contextmanager
-def capturing_contributions(sink: ContributionSink) -> Iterator[None]:
-    """Within this block, ``pcb`` hands each tensor's per-model contributions to ``sink``.
-
-    Instead of merging, every ``pcb`` tensor group computes
-    ``c_i = s_i Tc_i / sum_j s_j`` (float32, shape ``(n, *shape)``, in the order of
-    ``group.non_base``), passes it to ``sink`` and returns the base tensor. This is
-    how the tuner reuses mergekit's planner (parameter resolution, loading) exactly
-    as ``mergekit-yaml`` will run the final config.
-    """
-    global _contribution_sink
-    if _contribution_sink is not None:
-        raise RuntimeError("contributions are already being captured")
-    _contribution_sink = sink
+def naming_non_finite_inputs(group: TensorGroup) -> Iterator[None]:
+    """Turn core's anonymous NaN/Inf error into one that names the model and tensor."""
     try:
         yield
-    finally:
-        _contribution_sink = None
+    except NonFiniteInputError:
+        raise _locate_non_finite(group) from None
 
 
 class PCBMerge(GroupMergeMethod):
@@ -171,114 +193,21 @@ class PCBMerge(GroupMergeMethod):
     spec = PCB_SPEC
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        try:
-            return self._merge_group(group, parameters)
-        except NonFiniteInputError:
-            raise _name_non_finite_input(group) from None
-
-    def _merge_group(self, group: TensorGroup, parameters: dict[str, Any]) -> torch.Tensor:
-        base = group.base.tensor
-        entries = group.non_base
-        if not entries:
-            if not bool(torch.isfinite(base).all()):
-                raise NonFiniteInputError("the base has NaN or Inf values")
-            return base
-        densities = parameters["density"].values_for(entries)
-        options = PCBOptions(
-            clamp_ratio=parameters["clamp_ratio"],
-            intra_balance=parameters["intra_balance"],
-            inter_balance=parameters["inter_balance"],
-        )
-        finetuned = [entry.tensor for entry in entries]
-        stats = None
-        if parameters["scope"] == "model":
-            stats = _whole_model_stats(group, densities, options)
-        if _contribution_sink is not None:
-            contributions = pcb_contributions(
-                base, finetuned, densities=densities, options=options, stats=stats
+        with naming_non_finite_inputs(group):
+            if not group.non_base:
+                if not bool(torch.isfinite(group.base.tensor).all()):
+                    raise NonFiniteInputError("the base has NaN or Inf values")
+                return group.base.tensor
+            inputs = prepare_group(group, parameters)
+            return pcb_merge(
+                inputs.base,
+                inputs.finetuned,
+                weights=inputs.weights,
+                densities=inputs.densities,
+                lam=inputs.lam,
+                options=inputs.options,
+                stats=inputs.stats,
             )
-            name = group.metadata.name or "<unnamed>"
-            _contribution_sink(name, group, contributions, parameters["lambda"])
-            return base
-        return pcb_merge(
-            base,
-            finetuned,
-            weights=parameters["weight"].values_for(entries),
-            densities=densities,
-            lam=parameters["lambda"],
-            options=options,
-            stats=stats,
-        )
-
-
-#: Whole-model statistics computed in this process, most recent last.
-_STATS_CACHE: OrderedDict[tuple, tuple[list[ModelStats | None], frozenset[str]]] = OrderedDict()
-_STATS_CACHE_SIZE = 16
-
-
-def _whole_model_stats(
-    group: TensorGroup, densities: Sequence[float], options: PCBOptions
-) -> list[ModelStats | None]:
-    """Statistics over every tensor the checkpoints share, computed once per merge.
-
-    The first ``scope: model`` tensor of a merge streams over all tensors of the
-    base and the fine-tunes through mergekit's loaders, on the device and in the
-    dtype this group has, so that the statistics match what the merge computes.
-    """
-    from mergekit.common import ModelReference
-    from mergekit.io.tasks import LoaderCache
-
-    base = group.base.tensor
-    refs = [group.base.id, *(entry.id for entry in group.non_base)]
-    if not all(isinstance(ref, ModelReference) for ref in refs):
-        raise ValueError(
-            "pcb scope: model needs models that mergekit loads (mergekit-yaml, run_merge); "
-            "for tensors in memory, use mergekit_pcb.whole_model.whole_model_stats"
-        )
-    loaders = [LoaderCache().get(ref) for ref in refs]
-    files = tuple(
-        (path, os.path.getmtime(path))
-        for loader in loaders
-        for path in sorted(
-            {os.path.join(loader.index.base_path, f) for f in loader.index.tensor_paths.values()}
-        )
-    )
-    key = (tuple(refs), tuple(densities), options, base.dtype, str(base.device), files)
-    cached = _STATS_CACHE.get(key)
-    if cached is None:
-        names = [
-            name
-            for name in loaders[0].index.tensor_paths
-            if all(name in loader.index.tensor_paths for loader in loaders[1:])
-        ]
-
-        def tensors():
-            for name in names:
-                loaded = [loader.get_tensor(name, device=str(base.device)) for loader in loaders]
-                if all(t.is_floating_point() for t in loaded):
-                    loaded = [t.to(dtype=base.dtype) for t in loaded]
-                    yield name, loaded[0], loaded[1:]
-
-        LOG.info("pcb scope: model: computing whole-model statistics for %d models", len(refs) - 1)
-        try:
-            stats = whole_model_stats(tensors, densities, options)
-        except NonFiniteInputError as error:
-            index = 0 if error.model_index is None else error.model_index + 1
-            role = "base model" if index == 0 else "model"
-            raise ValueError(
-                f"pcb: {role} {refs[index]} has NaN or Inf values in tensor {error.tensor_name}"
-            ) from None
-        cached = (stats, frozenset(names))
-        _STATS_CACHE[key] = cached
-        while len(_STATS_CACHE) > _STATS_CACHE_SIZE:
-            _STATS_CACHE.popitem(last=False)
-    name = group.metadata.name
-    if name not in cached[1]:
-        raise ValueError(
-            f"pcb scope: model: tensor {name} is not stored under that name in every "
-            "checkpoint, so it has no whole-model statistics"
-        )
-    return cached[0]
 
 
 def register() -> merge_methods.MergeMethod:

@@ -14,11 +14,11 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_pcb.cli import load_config, merge_into
+from mergekit_pcb.merge import load_config, merge_into
 from mergekit_pcb.tune import objectives
+from mergekit_pcb.tune.capture import capture_contributions
 from mergekit_pcb.tune.cli import main as tune_main
-from mergekit_pcb.tune.cli import tune
-from mergekit_pcb.tune.linear import capture_linear_merge
+from mergekit_pcb.tune.run import tune
 from mergekit_pcb.tune.search import (
     AllCandidatesFailedError,
     RunMismatchError,
@@ -64,14 +64,14 @@ def _distance_objective(target: dict[str, torch.Tensor]) -> objectives.UserObjec
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_candidate_equals_full_pcb_merge(config, tiny_models, tmp_path, cache):
     merge_config, _ = load_config(config)
-    linear = capture_linear_merge(
+    contributions = capture_contributions(
         merge_config, cache_dir=str(tmp_path / "cache") if cache == "disk" else None
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.float32)
-    linear.load_fixed(model)
+    contributions.load_fixed(model)
     state = model.state_dict()
     for weights in ([1.0, 1.0, 1.0], [0.6, 2.7, 1.3]):
-        linear.apply(model, weights)
+        contributions.apply(model, weights)
         full = _merge_to_disk(config, str(tmp_path / f"full-{weights[1]}"), weights)
         assert full.keys() <= state.keys()
         for name, tensor in full.items():
@@ -92,24 +92,24 @@ def _run(config, out_dir, objective, settings, **kw):
 def test_recovers_known_coefficients_deterministically(config, target_state, tmp_path):
     objective = _distance_objective(target_state)
     first = _run(config, tmp_path / "a", objective, _settings())
-    assert first.start.coefficients == [1.0, 1.0, 1.0]
+    assert first.start.weights == [1.0, 1.0, 1.0]
     assert first.best.score < 1e-3 * first.start.score
-    for found, expected in zip(first.best.coefficients, TARGET, strict=True):
+    for found, expected in zip(first.best.weights, TARGET, strict=True):
         assert abs(found - expected) <= 0.05
     second = _run(config, tmp_path / "b", objective, _settings())
-    assert [e.coefficients for e in second.history] == [e.coefficients for e in first.history]
+    assert [e.weights for e in second.history] == [e.weights for e in first.history]
     assert [e.score for e in second.history] == [e.score for e in first.history]
 
     # best.yml through mergekit reproduces the tuned model
     best = yaml.safe_load((tmp_path / "a" / "best.yml").read_text())
     weights = [m["parameters"]["weight"] for m in best["models"]]
-    assert weights == first.best.coefficients
+    assert weights == first.best.weights
     merged = _merge_to_disk(str(tmp_path / "a" / "best.yml"), str(tmp_path / "best-merge"))
     model = AutoModelForCausalLM.from_pretrained(config_base(config), dtype=torch.float32)
     merge_config, _ = load_config(config)
-    linear = capture_linear_merge(merge_config)
-    linear.load_fixed(model)
-    linear.apply(model, weights)
+    contributions = capture_contributions(merge_config)
+    contributions.load_fixed(model)
+    contributions.apply(model, weights)
     state = model.state_dict()
     for name, tensor in merged.items():
         assert (state[name] - tensor).abs().max().item() <= 1e-6, name
@@ -148,7 +148,7 @@ def test_resume_after_interruption_gives_the_same_history(config, target_state, 
     again = _Interrupt(_distance_objective(target_state), stop_at=None)
     resumed = _run(config, tmp_path / "resumed", again, settings)
     assert again.calls == len(straight.history) - 16  # nothing evaluated twice
-    assert [e.coefficients for e in resumed.history] == [e.coefficients for e in straight.history]
+    assert [e.weights for e in resumed.history] == [e.weights for e in straight.history]
     assert [e.score for e in resumed.history] == [e.score for e in straight.history]
 
 
@@ -171,7 +171,7 @@ def _search(evaluate, tmp_path, budget=25):
         maximize=True,
         out_dir=str(tmp_path),
         identity={"t": 1},
-        settings=SearchSettings(budget=budget, popsize=4, seed=5),
+        settings=SearchSettings(budget=budget, popsize=4, seed=5, scale_search=False),
         quiet=True,
     )
 
@@ -189,7 +189,7 @@ def test_failing_candidates_score_worst_and_the_search_goes_on(tmp_path, caplog)
     assert failed, "the bounds make some candidates fail"
     assert all("objective exploded" in e.error or "not a finite number" in e.error for e in failed)
     assert len(result.history) == 41 and result.best.ok
-    assert abs(result.best.coefficients[0] - 1.2) < 0.15
+    assert abs(result.best.weights[0] - 1.2) < 0.15
     assert "failed: RuntimeError: objective exploded" in caplog.text
 
 
@@ -288,7 +288,7 @@ def test_cli_with_builtin_loss_and_test_split(config, tmp_path):
     assert result.exit_code == 0, result.output
     assert "normalized validation loss (lower is better) over 9 evaluations" in result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["start"]["coefficients"] == [1.0, 1.0, 1.0]
+    assert summary["start"]["weights"] == [1.0, 1.0, 1.0]
     assert {"score", "test_score"} <= summary["best"].keys()
     assert (out / "merged" / "model.safetensors").exists()
     assert len(json.loads((out / "reference_scores.json").read_text())) == 3

@@ -56,8 +56,8 @@ from quality_models import ModelSettings, TrainSettings, build_models
 from quality_tasks import BASE_KEYS, KEYS, TASKS, Splits, make_splits
 
 from mergekit_pcb.synthetic import tiny_tokenizer
-from mergekit_pcb.tune.cli import tune
 from mergekit_pcb.tune.objectives import UserObjective
+from mergekit_pcb.tune.run import tune
 from mergekit_pcb.tune.search import SearchSettings
 
 LOG = logging.getLogger("quality")
@@ -263,7 +263,7 @@ class Study:
         )
         seconds = time.perf_counter() - began
         return {
-            "coefficients": result.best.coefficients,
+            "weights": result.best.weights,
             "val_objective_start": result.start.score,
             "val_objective_best": result.best.score,
             "evaluations": len(result.history),
@@ -311,14 +311,14 @@ def run_subset(study: Study, tasks: tuple[str, ...], tuner_budget: int) -> dict[
     pcb = next(spec for spec in METHODS if spec.label == "pcb")
     tuned = study.tuned_pcb(rows["pcb"]["config"], tasks, _label_folder(tasks, "pcb"), tuner_budget)
     row = study.test_merge(
-        pcb, rows["pcb"]["setting"], tasks, _label_folder(tasks, "pcb_tuned"), tuned["coefficients"]
+        pcb, rows["pcb"]["setting"], tasks, _label_folder(tasks, "pcb_tuned"), tuned["weights"]
     )
     row["tuner"] = tuned
     rows["pcb + tuned weights"] = row
     LOG.info(
         "%d tasks pcb + tuned weights %s  val %.3f  test %.3f",
         len(tasks),
-        [round(c, 2) for c in tuned["coefficients"]],
+        [round(c, 2) for c in tuned["weights"]],
         row["val"]["normalized_char_acc"],
         row["test"]["normalized_char_acc"],
     )
@@ -341,7 +341,7 @@ def _setting_text(row: dict[str, Any]) -> str:
     if setting["density"] != 1.0:
         text = f"density {setting['density']:g}, " + text
     if "tuner" in row:
-        text += ", weights " + " ".join(f"{c:.2f}" for c in row["tuner"]["coefficients"])
+        text += ", weights " + " ".join(f"{c:.2f}" for c in row["tuner"]["weights"])
     return text
 
 

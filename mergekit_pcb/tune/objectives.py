@@ -1,7 +1,9 @@
-"""Validation objectives for the coefficient search, and which direction is better.
+"""Validation objectives for the weight search, and which direction is better.
 
-Every objective is called as ``objective(model, tokenizer) -> float`` on the live
-candidate model and carries ``maximize`` (True: higher is better).
+Every objective follows :class:`Objective`: called as ``objective(model, tokenizer)
+-> float`` on the live candidate model, it carries a ``name`` and ``maximize`` (True:
+higher is better). One that normalises by the fine-tuned models' own scores also
+follows :class:`ReferencedObjective`.
 
 * ``completion_loss``: mean cross-entropy on the completions of JSONL files
   (``{"prompt", "completion"}`` rows, or ``{"text"}`` rows scored whole). Lower is
@@ -26,14 +28,41 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from mergekit_pcb.tune.search import best_of
+
 LOG = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the search scores a candidate model with."""
+
+    name: str
+    maximize: bool
+
+    def __call__(self, model: Any, tokenizer: Any) -> float: ...
+
+
+@runtime_checkable
+class ReferencedObjective(Objective, Protocol):
+    """An objective normalised per task by the best score of any single fine-tune."""
+
+    normalized: bool
+
+    def scores(self, model: Any, tokenizer: Any) -> list[float]:
+        """One score per task."""
+        ...
+
+    def set_reference(self, per_model_scores: Sequence[Sequence[float]]) -> None:
+        """Per fine-tuned model, its score on every task (``scores``'s output)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -154,8 +183,9 @@ class _TaskObjective:
 
     def set_reference(self, per_model_scores: Sequence[Sequence[float]]) -> None:
         """Per task, the best score any single fine-tuned model reaches."""
-        best = max if self.maximize else min
-        self.reference = [best(column) for column in zip(*per_model_scores, strict=True)]
+        self.reference = [
+            best_of(column, self.maximize) for column in zip(*per_model_scores, strict=True)
+        ]
 
     def __call__(self, model, tokenizer) -> float:
         scores = self.scores(model, tokenizer)
@@ -270,7 +300,3 @@ class LmEvalObjective:
                 raise ValueError(f"lm-eval task {task!r} reports no accuracy metric")
             values.append(float(value))
         return sum(values) / len(values)
-
-
-def is_bad_score(score: float) -> bool:
-    return not isinstance(score, (int, float)) or math.isnan(score) or math.isinf(score)

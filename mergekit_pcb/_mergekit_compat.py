@@ -1,0 +1,121 @@
+"""The few private parts of mergekit 0.1.5 that this package uses, fenced in one place.
+
+mergekit's public API covers registering a method and merging to disk or in memory;
+the plugin needs a little more. Each item below says why it is needed and what
+breaks if mergekit changes it; ``tests/test_mergekit_compat.py`` pins every one, so
+that a mergekit upgrade fails loudly there rather than somewhere downstream.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+import torch
+from mergekit import merge_methods
+from mergekit.config import MergeConfiguration
+from mergekit.graph import Task
+
+# ``ParameterSpec`` is not re-exported by ``mergekit.merge_methods`` (only used there by
+# the built-in methods). Without it a method cannot declare a parameter named
+# ``lambda``, which the ``merge_method`` decorator cannot spell. If it moves, importing
+# mergekit_pcb fails at once.
+from mergekit.merge_methods.base import ParameterSpec
+from mergekit.options import MergeOptions
+
+__all__ = [
+    "ParameterSpec",
+    "checkpoint_files",
+    "load_tensor",
+    "plan_tensor_tasks",
+    "setup_loaders",
+    "shared_tensor_names",
+    "tensor_loader",
+    "unregister_method",
+]
+
+
+def plan_tensor_tasks(config: MergeConfiguration, options: MergeOptions) -> list[tuple[str, Task]]:
+    """``(output tensor name, task)`` for every tensor mergekit would write for ``config``.
+
+    The tuner runs mergekit's own plan (parameter resolution, filters, slices, dtypes)
+    and executes it in memory. The public ``MergePlanner.plan_in_memory()`` is tried
+    first; in mergekit 0.1.5 it fails building ``ReturnTensor`` (an abstract-class
+    check in pydantic), so the fallback reads the planner's private ``_plan()`` and
+    ``_tensors`` (what ``plan_in_memory`` wraps). The output config comes from the
+    private ``mergekit.merge._model_out_config``, as ``run_merge`` builds it. If either
+    changes, the tuner cannot capture contributions.
+    """
+    from mergekit.architecture import get_architecture_info
+    from mergekit.merge import _model_out_config
+    from mergekit.plan import MergePlanner
+
+    config = config.model_copy(deep=True)  # the planner normalises it in place
+    arch_info = get_architecture_info(config, options)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    try:
+        returned = planner.plan_in_memory()
+    except TypeError:
+        planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+        planner._plan()
+        return [(weight.name, task) for weight, task in planner._tensors]
+    return [(r.weight_info.name, r.tensor_task) for r in returned]
+
+
+def tensor_loader(model: Hashable) -> Any:
+    """mergekit's cached lazy loader of ``model`` (a ``ModelReference``).
+
+    ``LoaderCache`` (``mergekit.io.tasks``) is internal: ``scope: model`` needs to read
+    every tensor of every checkpoint before the planner hands it the first one, with
+    the same loaders (LoRA merging, caches) that the merge itself uses.
+    """
+    from mergekit.io.tasks import LoaderCache
+
+    return LoaderCache().get(model)
+
+
+def setup_loaders(options: MergeOptions) -> None:
+    """Configure mergekit's loader cache from ``options`` (LoRA and HF caches), as
+    ``run_merge`` does before planning; ``LoaderCache.setup`` is internal."""
+    from mergekit.io.tasks import LoaderCache
+
+    LoaderCache().setup(options=options)
+
+
+def shared_tensor_names(loaders: list[Any]) -> list[str]:
+    """Names stored in every loader's checkpoint, in the first loader's order.
+
+    Reads ``loader.index.tensor_paths`` (the shard index of ``LazyTensorLoader``).
+    """
+    first, *rest = loaders
+    return [
+        name
+        for name in first.index.tensor_paths
+        if all(name in loader.index.tensor_paths for loader in rest)
+    ]
+
+
+def checkpoint_files(loader: Any) -> Iterator[str]:
+    """Paths of the shard files behind a loader (``index.base_path`` + ``tensor_paths``)."""
+    index = loader.index
+    yield from sorted({os.path.join(index.base_path, f) for f in index.tensor_paths.values()})
+
+
+def load_tensor(loader: Any, name: str, device: torch.device | str) -> torch.Tensor:
+    """One tensor of a checkpoint through its loader, on ``device``."""
+    return loader.get_tensor(name, device=str(device))
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method from mergekit's registry (which has no public way to do so).
+
+    The tuner registers a private capturing copy of the config's method for the
+    length of one capture; this drops it again from ``registry._METHODS``.
+    """
+    from mergekit.merge_methods import registry
+
+    if name in registry._METHODS:
+        del registry._METHODS[name]
+    assert all(m.spec.name != name for m in merge_methods.registered_methods())
