@@ -88,7 +88,10 @@ def _task_arithmetic_terms(group: TensorGroup, parameters: dict, model_index: Ma
         for index, e in zip(members, entries, strict=True)
     }
     normalize = "guarded" if parameters["normalize"] else "none"
-    terms = TensorTerms(base.shape, base, parameters["lambda"], members, rows, normalize)
+    half = base.dtype if base.dtype in (torch.bfloat16, torch.float16) else None
+    terms = TensorTerms(
+        base.shape, base, parameters["lambda"], members, rows, normalize, half_precision=half
+    )
     return terms, dict(zip(members, parameters["weight"].values_for(entries), strict=True))
 
 

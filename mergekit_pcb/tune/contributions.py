@@ -59,19 +59,20 @@ class TensorTerms:
     rows: dict[int, CompactRow]
     normalize: Normalize = "none"
     where: str = "memory"  # "memory" or "disk" (rows stored in the disk shards)
+    #: Set for ``task_arithmetic`` in bf16/fp16: mergekit then computes in that dtype,
+    #: rounding at every step, and a candidate must round the same way to equal it.
+    half_precision: torch.dtype | None = None
 
     @property
     def numel(self) -> int:
         return self.shape.numel()
 
-    def factors(self, weights: Sequence[float]) -> dict[int, float]:
-        """The multiplier of each stored row for these weights: ``lam * w_i / D(w)``."""
-        divisor = 1.0
-        if self.normalize != "none":
-            divisor = sum(float(weights[i]) for i in self.members)
-            if self.normalize == "guarded" and abs(divisor) < _GUARD:
-                divisor = 1.0
-        return {i: self.lam * float(weights[i]) / divisor for i in self.rows}
+    def divisor(self, weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """``D(w)`` as mergekit computes it: the weights' sum in ``dtype``."""
+        total = torch.tensor([float(weights[i]) for i in self.members], dtype=dtype).sum()
+        if self.normalize == "guarded" and total.abs() < _GUARD:
+            return torch.ones((), dtype=dtype)
+        return total
 
 
 @dataclass
@@ -220,13 +221,20 @@ class Contributions:
     def merge_into(self, name: str, weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:
         """Write tensor ``name``'s merge for ``weights`` into the flat float32 ``out``."""
         terms = self.terms[name]
-        if terms.anchor is None:
-            out.zero_()
-        else:
-            out.copy_(terms.anchor.reshape(-1))
         rows = self._rows(name, terms, out.device)
-        for index, factor in terms.factors(weights).items():
-            rows[index].add_to(out, factor)
+        if terms.half_precision is not None:
+            return _task_arithmetic_in(terms.half_precision, terms, rows, weights, out)
+        # In mergekit's order (weighted sum, division, lambda, base), so that a sum that
+        # cancels to near zero rounds as it does there.
+        out.zero_()
+        for index, row in rows.items():
+            row.add_to(out, float(weights[index]))
+        if terms.normalize != "none":
+            out.div_(terms.divisor(weights, torch.float32).to(out.device))
+        if terms.lam != 1:
+            out.mul_(terms.lam)
+        if terms.anchor is not None:
+            out.add_(terms.anchor.reshape(-1))
         return out
 
     def merged_tensor(self, name: str, weights: Sequence[float]) -> torch.Tensor:
@@ -268,6 +276,33 @@ class Contributions:
             for name, value in self.fixed.items():
                 if name in params:
                     params[name].copy_(value)
+
+
+def _task_arithmetic_in(
+    dtype: torch.dtype,
+    terms: TensorTerms,
+    rows: Mapping[int, CompactRow],
+    weights: Sequence[float],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """mergekit's ``task_arithmetic`` step by step in ``dtype``, into float32 ``out``.
+
+    As ``GeneralizedTaskArithmeticMerge.merge_group`` does for half-precision inputs:
+    the weights are cast to the deltas' dtype, each weighted delta is rounded, their
+    sum is rounded once, then the division by the sum of weights, the product with
+    ``lambda`` and the addition of the base are each rounded.
+    """
+    w = torch.tensor([float(weights[i]) for i in terms.members], dtype=dtype)
+    by_model = dict(zip(terms.members, w.to(out.device), strict=True))
+    out.zero_()
+    for index, row in rows.items():
+        out.add_((row.dense().to(dtype) * by_model[index]).float())
+    mixed = out.to(dtype)
+    if terms.normalize != "none":
+        mixed /= terms.divisor(weights, dtype).to(out.device)
+    if terms.lam != 1:
+        mixed *= terms.lam
+    return out.copy_(terms.anchor.reshape(-1) + mixed)
 
 
 def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -50,8 +50,10 @@ RUN_FILE = "run.json"
 #: Scale grid points per side of 1, and the midpoints tried beside the best.
 _SCALE_STEPS = 3
 SCALE_EVALUATIONS = 1 + 2 * _SCALE_STEPS + 2
-#: A best weight closer than this share of its box's width to an edge is "on" it.
-_ON_BOUND = 0.01
+#: A best weight closer than this share of its box's width to an edge is "on" it: CMA-ES
+#: maps its samples smoothly into the box, so an optimum beyond an edge leaves the best
+#: candidates near the edge rather than exactly on it.
+_ON_BOUND = 0.1
 
 
 def is_better(a: float, b: float | None, maximize: bool) -> bool:
@@ -169,8 +171,9 @@ class BoundHit:
 
     def message(self) -> str:
         return (
-            f"{self.what}: the best value {self.value:.4g} sits on the {self.side} bound "
-            f"{self.bound:.4g} of the search; widen it with {self.widen}"
+            f"{self.what}: the best value {self.value:.4g} is at the {self.side} bound "
+            f"{self.bound:.4g} of the search (within 10% of the box), so the best may lie "
+            f"beyond it; widen it with {self.widen}"
         )
 
 
@@ -605,23 +608,39 @@ def _bound_hits(
     lower: float,
     upper: float,
 ) -> list[BoundHit]:
+    """The models whose best weight is near an edge of its box.
+
+    Near: within ``_ON_BOUND`` of the box's width, measured on a log scale for the
+    relative box (weights act multiplicatively: 0.6 is as far from 0.5 as 3.6 from 3).
+    """
     hits = []
     for name, weight, a in zip(names, weights, anchor, strict=True):
-        low, high = (lower, upper) if settings.absolute else sorted((lower * a, upper * a))
-        width = high - low
-        for side, bound in (("lower", low), ("upper", high)):
-            if abs(weight - bound) <= _ON_BOUND * width:
-                hits.append(BoundHit(name, weight, side, bound, _widen(settings, side, a)))
+        if settings.absolute:
+            position, edges = weight, {"lower": lower, "upper": upper}
+        else:
+            position = math.log(max(weight / a, 1e-300))
+            edges = {"lower": math.log(lower), "upper": math.log(upper)}
+        width = edges["upper"] - edges["lower"]
+        for factor_side, edge in edges.items():
+            if abs(position - edge) <= _ON_BOUND * width:
+                bound = edge if settings.absolute else math.exp(edge) * a
+                # A negative start flips which factor bounds which side of the weight.
+                side = factor_side if settings.absolute or a > 0 else _other(factor_side)
+                hits.append(BoundHit(name, weight, side, bound, _widen(settings, factor_side)))
     return hits
 
 
-def _widen(settings: SearchSettings, side: str, anchor: float) -> str:
+def _other(side: str) -> str:
+    return "upper" if side == "lower" else "lower"
+
+
+def _widen(settings: SearchSettings, side: str) -> str:
+    """The option that moves the ``side`` edge of the box outwards."""
     if settings.absolute:
         width = settings.upper - settings.lower
         if side == "lower":
             return f"--lower {settings.lower - width:g}"
         return f"--upper {settings.upper + width:g}"
-    # A negative start flips which factor bounds which side of the weight.
-    if (side == "lower") == (anchor > 0):
+    if side == "lower":
         return f"--lower-factor {settings.lower_factor / 2:g}"
     return f"--upper-factor {settings.upper_factor * 2:g}"
