@@ -4,13 +4,16 @@ On a synthetic Llama of about 160M parameters (base + 3 fine-tunes, bfloat16, ma
 offline and cached), measured side by side in one run:
 
 * ``capture``: the tuner's one-off pass computing every model's contributions;
-* ``tuner candidate``: writing one candidate into the live model (``Contributions.apply``);
+* ``tuner candidate``: writing one candidate into the live model (``Contributions.apply``),
+  and on the CPU beside it the previous tuner's way (dense float32 contributions, one
+  ``tensordot`` per tensor), so that the compact storage's cost per candidate shows;
+* ``contributions``: bytes per parameter per model of the compact storage;
 * ``full merge``: what a tuner without the linearity would do per candidate, a full
   ``pcb`` merge by mergekit (``run_merge`` to disk) and loading the result;
 * ``objective``: one evaluation of a small validation loss, the same for both, so
   it is reported apart.
 
-Run after the dev install:  ``.venv/bin/python benchmarks/tune_speed.py``
+Run after the dev install, from the repository root:  ``.venv/bin/python -m benchmarks.tune_speed``
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from synthetic_160m import DEFAULT_DIR, models_160m  # benchmarks/ is on sys.path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
+from benchmarks.synthetic_160m import DEFAULT_DIR, models_160m
 from mergekit_pcb.tune.capture import capture_contributions
 from mergekit_pcb.tune.objectives import Example, completion_loss
 
@@ -52,75 +55,153 @@ def _config(paths: dict[str, str], weights: list[float]) -> MergeConfiguration:
     )
 
 
+def _dense_apply(contributions, dense: dict[str, torch.Tensor], model, weights) -> None:
+    """The previous tuner's candidate: float32 (n, numel) contributions, one tensordot."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, terms in contributions.terms.items():
+            w = torch.tensor([float(weights[i]) for i in sorted(terms.rows)])
+            merged = torch.tensordot(w, dense[name], dims=1) if len(w) else 0.0
+            merged = (terms.anchor.reshape(-1).float() + terms.lam * merged).view(terms.shape)
+            params[name].copy_(merged)
+
+
+def _config_500m():
+    # ~0.5B parameters: the size the CUDA figures of the issue use.
+    from mergekit_pcb.synthetic import tiny_llama_config
+
+    return tiny_llama_config(
+        vocab_size=32000,
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=14,
+        num_attention_heads=12,
+    )
+
+
 @click.command()
 @click.option("--workdir", default="benchmarks/output/tune_speed", show_default=True)
 @click.option(
     "--models",
-    default=DEFAULT_DIR,
-    show_default=True,
-    help="where the synthetic models are made once and reused",
+    default=None,
+    help="where the synthetic models are made once and reused  [default: by --size]",
 )
+@click.option("--size", type=click.Choice(["160m", "500m"]), default="160m", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--candidates", default=5, show_default=True, help="candidates timed per method")
-def main(workdir: str, models: str, candidates: int) -> None:
+def main(workdir: str, models: str | None, size: str, device: str, candidates: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     os.makedirs(workdir, exist_ok=True)
-    paths = models_160m(models)
+    if size == "160m":
+        paths = models_160m(models or DEFAULT_DIR)
+    else:
+        from mergekit_pcb.synthetic import write_tiny_models
+
+        folder = models or "benchmarks/output/models_500m"
+        paths = write_tiny_models(
+            folder, ("math", "code", "chat"), config=_config_500m(), dtype=torch.bfloat16
+        )
     gen = torch.Generator().manual_seed(1)
     weights = [[1.0, 1.0, 1.0]] + [
         (0.5 + 2.5 * torch.rand(3, generator=gen)).tolist() for _ in range(candidates - 1)
     ]
     tokenizer = AutoTokenizer.from_pretrained(paths["base"])
     examples = [Example(f"{i}+{i}=", str(2 * i)) for i in range(8)]
+    options = MergeOptions(quiet=True, device=device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     began = time.perf_counter()
-    contributions = capture_contributions(_config(paths, weights[0]), MergeOptions(quiet=True))
+    contributions = capture_contributions(_config(paths, weights[0]), options)
+    sync()
     capture = time.perf_counter() - began
-    model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16).to(device)
     contributions.load_fixed(model)
+    n_params = sum(t.numel for t in contributions.terms.values())
+    per_parameter = contributions.bytes_per_parameter_per_model
+    # The previous tuner's storage, for the side-by-side per-candidate time (CPU only:
+    # 4 bytes per parameter per model do not fit beside a 7B model on a GPU anyway).
+    dense = None
+    if device == "cpu":
+        dense = {
+            name: torch.stack([terms.rows[i].dense() for i in sorted(terms.rows)])
+            if terms.rows
+            else torch.zeros(0, terms.numel)
+            for name, terms in contributions.terms.items()
+        }
 
-    tuner, objective, full = [], [], []
+    tuner, previous, objective, full = [], [], [], []
     scratch = tempfile.mkdtemp(prefix="tune_speed-")
     try:
         for w in weights:
+            sync()
             began = time.perf_counter()
             contributions.apply(model, w)
+            sync()
             tuner.append(time.perf_counter() - began)
+            if dense is not None:
+                began = time.perf_counter()
+                _dense_apply(contributions, dense, model, w)
+                previous.append(time.perf_counter() - began)
+                contributions.apply(model, w)
             began = time.perf_counter()
             completion_loss(model, tokenizer, examples)
+            sync()
             objective.append(time.perf_counter() - began)
 
             out = os.path.join(scratch, "merged")
             began = time.perf_counter()
-            run_merge(_config(paths, w), out, options=MergeOptions(quiet=True))
-            merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+            run_merge(_config(paths, w), out, options=options)
+            merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device)
+            sync()
             full.append(time.perf_counter() - began)
             del merged
             shutil.rmtree(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    n_params = sum(p.numel() for p in model.parameters())
     t_tuner, t_full = statistics.median(tuner), statistics.median(full)
     t_objective = statistics.median(objective)
     rows = [
         ("capture (once per run)", capture),
-        ("tuner candidate (in place)", t_tuner),
+        ("tuner candidate (in place, compact contributions)", t_tuner),
+    ]
+    if previous:
+        rows.append(
+            ("previous tuner candidate (dense float32 contributions)", statistics.median(previous))
+        )
+    rows += [
         ("full pcb merge + load per candidate", t_full),
         ("objective (8 examples, both)", t_objective),
     ]
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     print(
         f"\nsynthetic Llama, {n_params / 1e6:.0f}M parameters, base + 3 fine-tunes, bf16, "
-        f"{torch.get_num_threads()} threads; medians over {candidates} candidates\n"
+        f"pcb density 0.2, {name}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"medians over {candidates} candidates\n"
     )
     print("| step | seconds |")
     print("|---|---:|")
     for label, seconds in rows:
         print(f"| {label} | {seconds:.3f} |")
-    ratio = t_full / t_tuner
     print(
-        f"\nper-candidate speed-up, objective excluded: {ratio:.1f}x "
-        f"(target >= 10x: {'PASS' if ratio >= 10 else 'FAIL'})"
+        f"\ncontributions: {contributions.nbytes} bytes, {per_parameter:.3f} bytes per parameter "
+        f"per model (target <= 1.25: {'PASS' if per_parameter <= 1.25 else 'FAIL'})"
+    )
+    if previous:
+        ratio = t_tuner / statistics.median(previous)
+        print(
+            f"per-candidate time against the previous dense tuner: {ratio:.2f}x "
+            f"(target <= 1.0: {'PASS' if ratio <= 1.0 else 'FAIL'})"
+        )
+    speedup = t_full / t_tuner
+    target = 100 if device.startswith("cuda") else 10
+    print(
+        f"per-candidate speed-up over a full merge, objective excluded: {speedup:.1f}x "
+        f"(target >= {target}x: {'PASS' if speedup >= target else 'FAIL'})"
     )
     print(f"with the objective included: {(t_full + t_objective) / (t_tuner + t_objective):.1f}x")
     print(
@@ -128,7 +209,15 @@ def main(workdir: str, models: str, candidates: int) -> None:
     )
     with open(os.path.join(workdir, "last_run.yml"), "w", encoding="utf-8") as file:
         yaml.safe_dump(
-            {"capture": capture, "tuner": tuner, "full": full, "objective": objective}, file
+            {
+                "capture": capture,
+                "tuner": tuner,
+                "previous": previous,
+                "full": full,
+                "objective": objective,
+                "bytes_per_parameter_per_model": per_parameter,
+            },
+            file,
         )
 
 

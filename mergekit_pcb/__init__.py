@@ -1,7 +1,7 @@
 """PCB-Merging for mergekit: importing this package registers ``merge_method: pcb``.
 
 ``core`` holds the tensor math, ``method`` the mergekit glue, ``cli`` the
-``mergekit-pcb`` command, ``tune`` the CMA-ES coefficient tuner.
+``mergekit-pcb`` command, ``tune`` the per-model weight tuner.
 """
 
 from mergekit_pcb.core import PCBOptions, pcb_contributions, pcb_merge

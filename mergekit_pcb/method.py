@@ -68,7 +68,7 @@ def _parameters() -> tuple[ParameterSpec, ...]:
             Annotated[float, _finite("weight")],
             ParameterScope.NON_BASE,
             default=1.0,
-            description="per-model coefficient lambda_i, applied after balancing",
+            description="per-model weight (the paper's lambda_i), applied after balancing",
         ),
         ParameterSpec(
             "density",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -111,3 +112,20 @@ def test_a_zero_start_needs_absolute_bounds(tmp_path):
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         SearchSettings(**settings)
+
+
+def test_a_rerun_replays_the_history_and_a_larger_budget_extends_it(tmp_path, caplog):
+    optimum = [0.7, 0.8, 0.6]
+    straight = _search(tmp_path / "straight", optimum, budget=40)
+    first = _search(tmp_path / "run", optimum, budget=25)
+    assert first.resumed == 0
+    again = _search(tmp_path / "run", optimum, budget=25)
+    assert again.resumed == len(first.history)
+    assert [e.weights for e in again.history] == [e.weights for e in first.history]
+    with caplog.at_level(logging.INFO, logger="mergekit_pcb"):
+        extended = _search(tmp_path / "run", optimum, budget=40)
+    assert extended.resumed == len(first.history)
+    assert [(e.weights, e.score) for e in extended.history] == [
+        (e.weights, e.score) for e in straight.history
+    ]
+    assert f"resuming: {len(first.history)} evaluations from history.jsonl" in caplog.text

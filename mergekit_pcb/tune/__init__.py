@@ -1,1 +1,1 @@
-"""CMA-ES search of the per-model PCB coefficients (``mergekit-pcb-tune``)."""
+"""The search of one ``weight`` per model for a merge linear in them (``mergekit-pcb-tune``)."""

@@ -470,8 +470,9 @@ def run_search(
             f"{out_dir} already holds {contiguous} evaluations, more than --budget "
             f"{settings.budget}; give a budget of at least {contiguous} to extend the run"
         )
-    if recorded:
-        LOG.info("resuming: %d evaluations from %s", len(recorded), HISTORY_FILE)
+    resumed = len(recorded)  # ``recorded`` grows as the run goes on
+    if resumed:
+        LOG.info("resuming: %d evaluations from %s", resumed, HISTORY_FILE)
     history_path = os.path.join(out_dir, HISTORY_FILE)
     _write_history(history_path, recorded.values())  # drops a line cut by a crash
 
@@ -521,7 +522,7 @@ def run_search(
     hits = scale_hits + _bound_hits(best.weights, names, settings, anchor, lower, upper)
     for hit in hits:
         LOG.warning(hit.message())
-    return SearchResult(run.history[0], best, run.history, hits, resumed=len(recorded))
+    return SearchResult(run.history[0], best, run.history, hits, resumed=resumed)
 
 
 def _contiguous(recorded: dict[int, Evaluation]) -> int:
