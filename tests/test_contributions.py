@@ -186,13 +186,14 @@ def test_contributions_on_disk_or_over_budget_give_the_same_candidate(models, tm
     config = _config(tmp_path / "c.yml", models, "pcb", "float32", 0.2)
     merge_config, _ = load_config(config)
     in_memory = capture_contributions(merge_config)
-    # A CPU budget that holds about half of them: the rest go to disk.
-    placement = Placement("auto", {"cpu": in_memory.nbytes // 2})
+    # A CPU budget that holds about half of them (with the base): the rest go to disk.
+    budget = in_memory.stored_bytes // 2
+    placement = Placement("auto", {"cpu": budget})
     mixed = capture_contributions(merge_config, placement=placement, cache_dir=str(tmp_path / "c"))
-    where = {terms.where for terms in mixed.terms.values()}
-    assert where == {"memory", "disk"}
-    assert 0 < placement.used["disk"] < in_memory.nbytes
-    assert placement.used["cpu"] <= in_memory.nbytes // 2
+    assert {terms.on_disk for terms in mixed.terms.values()} == {True, False}
+    assert 0 < placement.used["disk"] < in_memory.stored_bytes
+    assert placement.used["cpu"] <= budget
+    assert placement.used["cpu"] + placement.used["disk"] == in_memory.stored_bytes
     weights = [0.7, 1.9, 1.2]
     for name in in_memory.terms:
         torch.testing.assert_close(

@@ -40,7 +40,7 @@ from mergekit_pcb.core import SCALE_SUM_EPS, balanced_rows
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.method import METHOD_NAME, naming_non_finite_inputs, prepare_group
 from mergekit_pcb.tune.compact import CompactRow, compact
-from mergekit_pcb.tune.contributions import Contributions, Placement, TensorTerms, _DiskRows
+from mergekit_pcb.tune.contributions import Contributions, DiskStore, Placement, TensorTerms
 
 LOG = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class _Collector:
         placement: Placement,
         devices: Mapping[str, torch.device],
         default_device: torch.device,
-        disk: _DiskRows | None,
+        disk: DiskStore | None,
     ):
         self.placement = placement
         self.devices = devices
@@ -182,21 +182,14 @@ class _Collector:
 
     def keep(self, name: str, terms: TensorTerms, weights: dict[int, float]) -> None:
         device = torch.device(self.devices.get(name, self.default_device))
-        nbytes = sum(row.nbytes for row in terms.rows.values())
         with self.lock:
-            target = self.placement.choose(nbytes, device)
+            # The base (anchor) goes with its rows: a candidate needs both in one place.
+            target = self.placement.choose(terms.nbytes, device)
             if target == "disk":
                 assert self.disk is not None
-                self.disk.add(name, terms.rows)
-                # Placeholders with the rows' shapes and dtypes; the data is on disk.
-                rows = {i: row.to("meta") for i, row in terms.rows.items()}
-                terms = replace(terms, rows=rows, where="disk")
+                self.terms[name] = self.disk.add(name, terms)
             else:
-                terms = replace(terms, rows={i: r.to(target) for i, r in terms.rows.items()})
-            if terms.anchor is not None:
-                anchor = terms.anchor.to(device)
-                terms.anchor = anchor.clone() if anchor is terms.anchor else anchor
-            self.terms[name] = terms
+                self.terms[name] = terms.to(target)
             for index, weight in weights.items():
                 self.weights.setdefault(index, set()).add(float(weight))
 
@@ -223,7 +216,7 @@ def capture_contributions(
         placement = Placement(mode="disk" if cache_dir else "device")
     if placement.mode in ("disk", "auto") and cache_dir is None:
         raise ValueError("contributions placed on disk need a cache_dir")
-    disk = _DiskRows(cache_dir) if cache_dir else None
+    disk = DiskStore(cache_dir) if cache_dir else None
     collector = _Collector(placement, devices or {}, torch.device(options.device), disk)
 
     original = merge_methods.get(config.merge_method)
@@ -271,9 +264,11 @@ def capture_contributions(
         placement=placement,
     )
     LOG.info(
-        "contributions: %d bytes, %.3f bytes per parameter per model (%s)",
+        "contributions: %d bytes, %.3f bytes per parameter per model; with the base, "
+        "%d bytes stored: %s",
         contributions.nbytes,
         contributions.bytes_per_parameter_per_model,
+        contributions.stored_bytes,
         placement.describe(),
     )
     return contributions

@@ -22,8 +22,8 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -58,7 +58,7 @@ class TensorTerms:
     members: tuple[int, ...]
     rows: dict[int, CompactRow]
     normalize: Normalize = "none"
-    where: str = "memory"  # "memory" or "disk" (rows stored in the disk shards)
+    on_disk: bool = False  # rows and anchor are in the disk shards (here: placeholders)
     #: Set for ``task_arithmetic`` in bf16/fp16: mergekit then computes in that dtype,
     #: rounding at every step, and a candidate must round the same way to equal it.
     half_precision: torch.dtype | None = None
@@ -66,6 +66,18 @@ class TensorTerms:
     @property
     def numel(self) -> int:
         return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored for this tensor: its rows and its anchor."""
+        anchor = 0 if self.anchor is None else self.anchor.numel() * self.anchor.element_size()
+        return anchor + sum(row.nbytes for row in self.rows.values())
+
+    def to(self, device: torch.device | str) -> TensorTerms:
+        """These terms with the rows and the anchor on ``device`` (a copy)."""
+        anchor = None if self.anchor is None else self.anchor.to(device, copy=True)
+        rows = {index: row.to(device) for index, row in self.rows.items()}
+        return replace(self, anchor=anchor, rows=rows)
 
     def divisor(self, weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
         """``D(w)`` as mergekit computes it: the weights' sum in ``dtype``."""
@@ -119,8 +131,8 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
 
-class _DiskRows:
-    """Rows kept in safetensors shards of ~1 GiB, read back memory-mapped."""
+class DiskStore:
+    """Terms kept in safetensors shards of ~1 GiB, read back memory-mapped per candidate."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -129,20 +141,25 @@ class _DiskRows:
         self.location: dict[str, str] = {}
         self.files = 0
         self._open: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
 
-    @staticmethod
-    def _keys(name: str, index: int) -> tuple[str, str]:
-        return f"{name}|{index}|values", f"{name}|{index}|gaps"
-
-    def add(self, name: str, rows: Mapping[int, CompactRow]) -> None:
-        for index, row in rows.items():
-            values_key, gaps_key = self._keys(name, index)
-            self.pending[values_key] = row.values.contiguous().cpu()
-            if row.gaps is not None:
-                self.pending[gaps_key] = row.gaps.contiguous().cpu()
-            self.pending_bytes += row.nbytes
+    def add(self, name: str, terms: TensorTerms) -> TensorTerms:
+        """Store ``terms``; return placeholders (``meta`` tensors) that stand for them."""
+        for key, tensor in self._tensors(name, terms):
+            self.pending[key] = tensor.contiguous().cpu()
+        self.pending_bytes += terms.nbytes
         if self.pending_bytes >= _SHARD_BYTES:
             self.flush()
+        return replace(terms.to("meta"), on_disk=True)
+
+    @staticmethod
+    def _tensors(name: str, terms: TensorTerms):
+        if terms.anchor is not None:
+            yield f"{name}|anchor", terms.anchor
+        for index, row in terms.rows.items():
+            yield f"{name}|{index}|values", row.values
+            if row.gaps is not None:
+                yield f"{name}|{index}|gaps", row.gaps
 
     def flush(self) -> None:
         if not self.pending:
@@ -154,14 +171,16 @@ class _DiskRows:
         self.location.update({key: path for key in self.pending})
         self.pending, self.pending_bytes = {}, 0
 
-    def rows(self, name: str, terms: TensorTerms, device: torch.device) -> dict[int, CompactRow]:
-        out = {}
-        for index, row in terms.rows.items():
-            values_key, gaps_key = self._keys(name, index)
-            values = self._get(values_key, device)
-            gaps = self._get(gaps_key, device) if gaps_key in self.location else None
-            out[index] = CompactRow(row.numel, values, gaps)
-        return out
+    def load(self, name: str, terms: TensorTerms, device: torch.device) -> TensorTerms:
+        """The stored terms for the placeholders ``terms``, read onto ``device``."""
+        with self._lock:
+            anchor = None if terms.anchor is None else self._get(f"{name}|anchor", device)
+            rows = {}
+            for index, row in terms.rows.items():
+                gaps = None if row.gaps is None else self._get(f"{name}|{index}|gaps", device)
+                values = self._get(f"{name}|{index}|values", device)
+                rows[index] = CompactRow(row.numel, values, gaps)
+        return replace(terms, anchor=anchor, rows=rows, on_disk=False)
 
     def _get(self, key: str, device: torch.device) -> torch.Tensor:
         handle_key = (self.location[key], str(device))
@@ -183,7 +202,7 @@ class Contributions:
         fixed: dict[str, torch.Tensor],
         *,
         config_weights: Sequence[float | None] | None = None,
-        disk: _DiskRows | None = None,
+        disk: DiskStore | None = None,
         placement: Placement | None = None,
     ):
         self.model_names = list(model_names)
@@ -194,7 +213,6 @@ class Contributions:
         self.config_weights = list(config_weights or [None] * len(self.model_names))
         self._disk = disk
         self.placement = placement
-        self._lock = threading.Lock()
 
     @property
     def n_models(self) -> int:
@@ -206,28 +224,37 @@ class Contributions:
         return sum(row.nbytes for terms in self.terms.values() for row in terms.rows.values())
 
     @property
+    def stored_bytes(self) -> int:
+        """Bytes stored in all: the contributions and the anchors (the base)."""
+        return sum(terms.nbytes for terms in self.terms.values())
+
+    @property
     def bytes_per_parameter_per_model(self) -> float:
         parameters = sum(terms.numel for terms in self.terms.values())
         return self.nbytes / max(1, parameters * self.n_models)
 
-    def _rows(self, name: str, terms: TensorTerms, device: torch.device) -> dict[int, CompactRow]:
-        if terms.where == "disk":
+    def _terms_on(self, name: str, device: torch.device) -> TensorTerms:
+        """Tensor ``name``'s terms on ``device`` (read from disk, or moved, if need be)."""
+        terms = self.terms[name]
+        if terms.on_disk:
             assert self._disk is not None
-            with self._lock:
-                return self._disk.rows(name, terms, device)
-        # Rows kept in CPU memory for a parameter on a GPU travel to it per candidate.
-        return {i: row if row.device == device else row.to(device) for i, row in terms.rows.items()}
+            return self._disk.load(name, terms, device)
+        # Terms kept in CPU memory for a parameter on a GPU travel to it per candidate.
+        if terms.anchor is not None and terms.anchor.device != device:
+            return terms.to(device)
+        if any(row.device != device for row in terms.rows.values()):
+            return terms.to(device)
+        return terms
 
     def merge_into(self, name: str, weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:
         """Write tensor ``name``'s merge for ``weights`` into the flat float32 ``out``."""
-        terms = self.terms[name]
-        rows = self._rows(name, terms, out.device)
+        terms = self._terms_on(name, out.device)
         if terms.half_precision is not None:
-            return _task_arithmetic_in(terms.half_precision, terms, rows, weights, out)
+            return _task_arithmetic_in(terms.half_precision, terms, weights, out)
         # In mergekit's order (weighted sum, division, lambda, base), so that a sum that
         # cancels to near zero rounds as it does there.
         out.zero_()
-        for index, row in rows.items():
+        for index, row in terms.rows.items():
             row.add_to(out, float(weights[index]))
         if terms.normalize != "none":
             out.div_(terms.divisor(weights, torch.float32).to(out.device))
@@ -240,7 +267,9 @@ class Contributions:
     def merged_tensor(self, name: str, weights: Sequence[float]) -> torch.Tensor:
         """Tensor ``name`` of the merge for ``weights``, float32, on its rows' device."""
         terms = self.terms[name]
-        device = terms.anchor.device if terms.anchor is not None else "cpu"
+        rows = list(terms.rows.values())
+        stored = terms.anchor if terms.anchor is not None else rows[0].values if rows else None
+        device = "cpu" if stored is None or stored.device.type == "meta" else stored.device
         out = torch.empty(terms.numel, dtype=torch.float32, device=device)
         return self.merge_into(name, weights, out).reshape(terms.shape)
 
@@ -279,11 +308,7 @@ class Contributions:
 
 
 def _task_arithmetic_in(
-    dtype: torch.dtype,
-    terms: TensorTerms,
-    rows: Mapping[int, CompactRow],
-    weights: Sequence[float],
-    out: torch.Tensor,
+    dtype: torch.dtype, terms: TensorTerms, weights: Sequence[float], out: torch.Tensor
 ) -> torch.Tensor:
     """mergekit's ``task_arithmetic`` step by step in ``dtype``, into float32 ``out``.
 
@@ -295,7 +320,7 @@ def _task_arithmetic_in(
     w = torch.tensor([float(weights[i]) for i in terms.members], dtype=dtype)
     by_model = dict(zip(terms.members, w.to(out.device), strict=True))
     out.zero_()
-    for index, row in rows.items():
+    for index, row in terms.rows.items():
         out.add_((row.dense().to(dtype) * by_model[index]).float())
     mixed = out.to(dtype)
     if terms.normalize != "none":

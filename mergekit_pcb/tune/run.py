@@ -294,6 +294,7 @@ def _summary(
         "contributions": {
             "bytes": captured.nbytes,
             "bytes_per_parameter_per_model": captured.bytes_per_parameter_per_model,
+            "stored_bytes_with_base": captured.stored_bytes,
             "placement": captured.placement.describe() if captured.placement else None,
         },
     }
