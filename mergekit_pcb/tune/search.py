@@ -481,9 +481,10 @@ def run_search(
     scale_search = bool(record["scale_search"])
     first = SCALE_EVALUATIONS if scale_search else 1
     if settings.budget < first + popsize:
+        what = "the scale search" if scale_search else "the starting point"
         raise ValueError(
-            f"budget {settings.budget} is too small: the starting point and one generation "
-            f"of {popsize} candidates need {1 + popsize} evaluations"
+            f"budget {settings.budget} is too small: {what} and one generation of {popsize} "
+            f"candidates need {first + popsize} evaluations"
         )
     planned = first + popsize * ((settings.budget - first) // popsize)
     progress = tqdm(total=planned, desc="search", unit="eval", disable=quiet)
