@@ -4,12 +4,15 @@ The library side of ``mergekit-pcb`` (and of the tuner's ``--write-model``):
 :func:`read_config` reads, checks and parses a YAML config once;
 :func:`merge_into` runs mergekit's ``run_merge`` into a staging folder beside the
 output and moves the result into place only when it succeeded, so a failed merge
-leaves the output folder as it was.
+leaves the output folder as it was; the weight files of an earlier merge that the new
+one does not overwrite are removed then, so that no loader reads a mix of both.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,10 +22,23 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+from pydantic import ValidationError
 
 import mergekit_pcb.method  # noqa: F401  (registers ``pcb``)
-from mergekit_pcb.config_check import check_pcb_config
-from mergekit_pcb.errors import ConfigError
+from mergekit_pcb.config_check import check_model_paths, check_pcb_config
+from mergekit_pcb.errors import ConfigError, describe_validation_error
+
+LOG = logging.getLogger(__name__)
+
+#: The weight files mergekit's ``TensorWriter`` (mergekit/io/tensor_writer.py) writes
+#: for a merge: ``model.safetensors`` alone, or ``model-00001-of-00003.safetensors``...
+#: with ``model.safetensors.index.json``; ``pytorch_model`` and ``.bin`` with
+#: ``--no-safe-serialization``. ``model-1.safetensors`` is a shard's name before the
+#: writer's ``finalize()`` renames it, left by a merge that was cut short.
+_WEIGHT_FILE = re.compile(
+    r"model(-\d+|-\d{5,}-of-\d{5,})?\.safetensors|model\.safetensors\.index\.json"
+    r"|pytorch_model(-\d+|-\d{5,}-of-\d{5,})?\.bin|pytorch_model\.bin\.index\.json"
+)
 
 
 @dataclass(frozen=True)
@@ -36,17 +52,53 @@ class LoadedConfig:
 
 
 def read_config(config_file: str) -> LoadedConfig:
-    """Read, check and parse a mergekit YAML config; raise :class:`ConfigError` if bad."""
-    with open(config_file, encoding="utf-8") as file:
-        source = file.read()
-    raw = yaml.safe_load(source)
+    """Read, check and parse a mergekit YAML config; raise :class:`ConfigError` if bad.
+
+    Every message starts with the file's name and says where in it the problem is
+    (the line of a YAML syntax error, the model and the key of a bad value, the field
+    that mergekit's schema refuses, the model path that does not exist).
+    """
+    try:
+        with open(config_file, encoding="utf-8") as file:
+            source = file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = (error.strerror or str(error)) if isinstance(error, OSError) else "not UTF-8"
+        raise ConfigError(f"{config_file}: cannot read the config ({reason})") from None
+    try:
+        raw = yaml.safe_load(source)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{config_file}: {_describe_yaml_error(error)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_file}: not a mergekit YAML config (a mapping)")
     try:
         check_pcb_config(raw)
     except ValueError as error:
         raise ConfigError(f"{config_file}: {error}") from None
-    return LoadedConfig(config_file, source, raw, MergeConfiguration.model_validate(raw))
+    try:
+        merge_config = MergeConfiguration.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{config_file}: {describe_validation_error(error)}") from None
+    except RuntimeError as error:  # mergekit's own parsers raise it (a path with two '@')
+        raise ConfigError(f"{config_file}: {error}") from None
+    try:
+        check_model_paths(merge_config)
+    except ValueError as error:
+        raise ConfigError(f"{config_file}: {error}") from None
+    return LoadedConfig(config_file, source, raw, merge_config)
+
+
+def _describe_yaml_error(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, with the line and column in the file.
+
+    PyYAML parses a string here, so its own text says ``in "<unicode string>"``."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f"not valid YAML ({error})"
+    mark = error.problem_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {error.problem}"
+    if error.context and error.context_mark is not None:
+        begun = error.context_mark
+        text += f" ({error.context} at line {begun.line + 1}, column {begun.column + 1})"
+    return text
 
 
 def load_config(config_file: str) -> tuple[MergeConfiguration, str]:
@@ -61,8 +113,15 @@ def merge_into(
     options: MergeOptions,
     config_source: str | None = None,
 ) -> None:
-    """Run the merge into a staging folder, then move it into ``out_path``."""
+    """Run the merge into a staging folder, then move it into ``out_path``.
+
+    Files of ``out_path`` that the merge does not write are kept, except the weight
+    shards and shard index of an earlier merge (mergekit's names only): left beside
+    the new ones, a loader could read a mix of both merges. What is removed is logged.
+    """
     out_path = os.path.abspath(out_path)
+    if os.path.exists(out_path) and not os.path.isdir(out_path):
+        raise ConfigError(f"{out_path}: exists and is not a folder")
     parent = os.path.dirname(out_path)
     os.makedirs(parent, exist_ok=True)
     staging_root = tempfile.mkdtemp(prefix=".mergekit-pcb-", dir=parent)
@@ -73,10 +132,34 @@ def merge_into(
         if not os.path.isdir(out_path):
             os.replace(staged, out_path)
         else:
-            for name in os.listdir(staged):
+            written = set(os.listdir(staged))
+            for name in written:
                 target = os.path.join(out_path, name)
                 if os.path.isdir(target) and not os.path.islink(target):
                     shutil.rmtree(target)
                 os.replace(os.path.join(staged, name), target)
+            remove_stale_weights(out_path, keep=written)
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def remove_stale_weights(out_path: str, keep: set[str]) -> list[str]:
+    """Remove mergekit-named weight files of ``out_path`` not in ``keep``; return them."""
+    stale = sorted(
+        name
+        for name in os.listdir(out_path)
+        if name not in keep
+        and _WEIGHT_FILE.fullmatch(name)
+        and not os.path.isdir(os.path.join(out_path, name))
+    )
+    for name in stale:
+        os.remove(os.path.join(out_path, name))
+    if stale:
+        LOG.warning(
+            "%s: removed %d weight file(s) of the earlier merge that the new one does not "
+            "replace: %s",
+            out_path,
+            len(stale),
+            ", ".join(stale),
+        )
+    return stale

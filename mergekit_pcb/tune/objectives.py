@@ -72,24 +72,45 @@ class Example:
 
 
 def read_task_file(path: str) -> list[Example]:
-    """Rows of a JSONL task file: ``prompt``/``completion``, or ``text`` (no prompt)."""
+    """Rows of a JSONL task file: ``prompt``/``completion``, or ``text`` (no prompt).
+
+    Every error names the file, and the line where there is one.
+    """
+    rows = "one JSON object per line, with 'prompt' and 'completion', or 'text'"
     examples = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            if isinstance(row, dict) and "completion" in row:
-                examples.append(Example(str(row.get("prompt", "")), str(row["completion"])))
-            elif isinstance(row, dict) and "text" in row:
-                examples.append(Example("", str(row["text"])))
-            else:
-                raise ValueError(f"{path}:{number}: a row needs 'prompt'+'completion' or 'text'")
+    try:
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip())  # columns then count within the line
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{path}:{number}: not JSON ({error.msg} at column {error.colno}); "
+                        f"a task file holds {rows}"
+                    ) from None
+                if isinstance(row, dict) and "completion" in row:
+                    examples.append(Example(str(row.get("prompt", "")), str(row["completion"])))
+                elif isinstance(row, dict) and "text" in row:
+                    examples.append(Example("", str(row["text"])))
+                else:
+                    got = (
+                        f"keys {', '.join(repr(k) for k in row)}"
+                        if isinstance(row, dict) and row
+                        else f"{json.dumps(row)[:40]}"
+                    )
+                    raise ValueError(
+                        f"{path}:{number}: a row needs 'prompt'+'completion' or 'text'; got {got}"
+                    )
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise ValueError(f"{path}: no examples (no line that is not blank); expected {rows}")
+    if not any(example.completion for example in examples):
+        # Otherwise every candidate fails later with "no completion tokens to score",
+        # which cannot name the file.
+        raise ValueError(f"{path}: every 'completion' (or 'text') is empty: nothing to score")
     return examples
 
 
