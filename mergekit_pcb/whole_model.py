@@ -12,13 +12,19 @@ more than one tensor's task vectors:
   clamp is off), pass 3-4 the (1 - density) quantile and the maximum of the score,
   which needs the clamp bounds first.
 
+Every buffer lives on the device of the tensors streamed (CUDA with ``--cuda``):
+the histograms are made by counting the values they receive, and only a chosen
+histogram's cumulative counts come to the host, to find a rank's bin.
+
 Pure tensor code: the caller supplies a function that iterates over
 ``(name, base, [finetuned...])`` for every tensor (see ``method.py`` for mergekit).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import struct
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -51,54 +57,73 @@ def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
 
 
 def _key_to_float(key: int) -> float:
+    """Inverse of ``_sortable_keys`` for one key, in plain Python (no device involved)."""
     bits = key - (1 << 31)
     if bits < 0:
         bits ^= 0x7FFFFFFF
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def _cumulative(histogram: torch.Tensor) -> list[int]:
+    # To the host once (65,536 integers), so that the rank lookups are host
+    # arithmetic whatever device the histogram was counted on.
+    return histogram.cumsum(0).tolist()
+
+
+def _rank_in(cumulative: list[int], rank: int) -> tuple[int, int]:
+    """Bin holding the value of 0-based ``rank``, and the rank within that bin."""
+    index = bisect.bisect_right(cumulative, rank)
+    return index, rank - (cumulative[index - 1] if index > 0 else 0)
 
 
 class RadixSelect:
     """Exact k-th smallest values of a stream of float32 values, in two passes.
 
     ``add_high`` over every value, then ``finish_high(ranks)``; ``add_low`` over every
-    value again, then ``values()``. Memory: one 65,536-bin histogram, plus one per rank.
+    value again, then ``values()``. Memory: one 65,536-bin histogram, plus one per rank,
+    on the device of the values received (the histograms are made by counting them).
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.high = torch.zeros(_BINS, dtype=torch.int64, device=device)
+    def __init__(self) -> None:
+        self.high: torch.Tensor | None = None
         self.bins: list[int] = []
         self.rest: list[int] = []  # rank within the chosen high bin
-        self.low: list[torch.Tensor] = []
+        self.low: list[torch.Tensor | None] = []
 
     def add_high(self, values: torch.Tensor) -> None:
         for chunk in values.reshape(-1).split(_CHUNK):
-            self.high += torch.bincount(_sortable_keys(chunk) >> 16, minlength=_BINS)
+            counts = torch.bincount(_sortable_keys(chunk) >> 16, minlength=_BINS)
+            self.high = counts if self.high is None else self.high.add_(counts)
 
     def finish_high(self, ranks: Sequence[int]) -> None:
-        cumulative = self.high.cumsum(0)
-        total = int(cumulative[-1])
+        cumulative = [] if self.high is None else _cumulative(self.high)
+        total = cumulative[-1] if cumulative else 0
         for rank in ranks:
             if not 0 <= rank < total:
                 raise ValueError(f"rank {rank} out of range for {total} values")
-            index = int(torch.searchsorted(cumulative, rank, right=True))
-            before = int(cumulative[index - 1]) if index > 0 else 0
+        for rank in ranks:
+            index, rest = _rank_in(cumulative, rank)
             self.bins.append(index)
-            self.rest.append(rank - before)
-            self.low.append(torch.zeros(_BINS, dtype=torch.int64, device=self.high.device))
+            self.rest.append(rest)
+            self.low.append(None)
 
     def add_low(self, values: torch.Tensor) -> None:
         for chunk in values.reshape(-1).split(_CHUNK):
             keys = _sortable_keys(chunk)
             high = keys >> 16
-            for bin_index, low in zip(self.bins, self.low, strict=True):
+            for j, bin_index in enumerate(self.bins):
                 inside = keys[high == bin_index]
                 if inside.numel():
-                    low += torch.bincount(inside & 0xFFFF, minlength=_BINS)
+                    counts = torch.bincount(inside & 0xFFFF, minlength=_BINS)
+                    low = self.low[j]
+                    self.low[j] = counts if low is None else low.add_(counts)
 
     def values(self) -> list[float]:
         out = []
         for bin_index, rest, low in zip(self.bins, self.rest, self.low, strict=True):
-            index = int(torch.searchsorted(low.cumsum(0), rest, right=True))
+            if low is None:
+                raise ValueError("add_low saw no value of a selected bin: not the same stream")
+            index, _ = _rank_in(_cumulative(low), rest)
             out.append(_key_to_float((bin_index << 16) | index))
         return out
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mergekit_pcb.core import PCBOptions, _kth_smallest, pcb_contributions, pcb_merge
+from mergekit_pcb.core import PCBOptions, pcb_contributions, pcb_merge
 from tests.reference_pcb import reference_pcb, relative_error
 
 
@@ -268,35 +268,6 @@ def test_inputs_are_not_modified():
 def test_bad_clamp_ratio_is_refused(bad):
     with pytest.raises(ValueError, match="clamp_ratio"):
         PCBOptions(clamp_ratio=bad)
-
-
-@pytest.mark.parametrize(
-    ("kind", "d"),
-    [("normal", 400_000), ("ties", 400_000), ("signed-zeros", 400_000), ("normal", 4_200_000)],
-)
-def test_selection_on_large_rows_is_exact(kind, d):
-    # Rows above 2^16 entries take the sampled-bracket path (a larger sample above 2^22).
-    gen = torch.Generator().manual_seed(12)
-    if kind == "normal":
-        row = torch.randn(d, generator=gen)
-    elif kind == "ties":
-        row = torch.randint(0, 5, (d,), generator=gen).float()
-    else:
-        row = torch.randn(d, generator=gen).clamp(min=0) * torch.randint(0, 2, (d,), generator=gen)
-    ordered = torch.sort(row).values
-    for index in [0, 1, 4_000, 200_000, 320_000, d - 2, d - 1]:
-        assert _kth_smallest(row, index).item() == ordered[index].item()
-
-
-def test_selection_falls_back_when_the_sample_misses(monkeypatch):
-    row = torch.arange(300_000, dtype=torch.float32).flip(0)
-    real_randint = torch.randint
-
-    def only_the_top(high, size, **kwargs):  # a sample of the largest values only
-        return real_randint(0, 100, size, **kwargs)
-
-    monkeypatch.setattr(torch, "randint", only_the_top)
-    assert _kth_smallest(row, 150_000).item() == 150_000.0
 
 
 def test_large_tensor_matches_reference():
