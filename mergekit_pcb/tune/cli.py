@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import click
 
+from mergekit_pcb.cli import DEBUG_HELP, reported_errors
 from mergekit_pcb.tune import objectives
 from mergekit_pcb.tune.run import sha256_file, tune
 from mergekit_pcb.tune.search import SearchSettings
@@ -181,6 +182,7 @@ def build_objective(
 )
 @click.option("--write-model", is_flag=True, help="also merge best.yml into OUT_DIR/merged")
 @click.option("--quiet", is_flag=True, help="no progress bars, warnings only")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def main(
     config_file: str,
     out_dir: str,
@@ -209,10 +211,11 @@ def main(
     device_map: str | None,
     write_model: bool,
     quiet: bool,
+    debug: bool,
 ) -> None:
     """Tune the per-model weights of the merge in CONFIG_FILE; write results to OUT_DIR."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    try:
+    with reported_errors(debug):
         settings = SearchSettings(
             start=start,
             lower=lower,
@@ -256,10 +259,14 @@ def main(
             write_model=write_model,
             quiet=quiet,
         )
-    except (ValueError, RuntimeError) as error:
-        raise click.ClickException(str(error)) from error
     direction = "higher" if objective.maximize else "lower"
-    click.echo(f"{objective.name} ({direction} is better) over {len(result.history)} evaluations")
+    # Also said in the output, which --quiet keeps (the search logs it as it starts).
+    resumed = result.search.resumed
+    replayed = f" ({resumed} of them resumed from history.jsonl)" if resumed else ""
+    click.echo(
+        f"{objective.name} ({direction} is better) over {len(result.history)} evaluations"
+        + replayed
+    )
     for label, e in (("start", result.start), ("best", result.best)):
         weights = ", ".join(f"{w:.4f}" for w in e.weights)
         click.echo(f"  {label:<5} score {e.score!s:<12} weights [{weights}]")

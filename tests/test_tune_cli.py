@@ -1,0 +1,232 @@
+"""``mergekit-pcb-tune`` as a user meets it: one-line errors, resume, extension, output."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import ClassVar
+
+import click
+import matplotlib.figure
+import pytest
+from click.testing import CliRunner
+
+import mergekit_pcb.tune.search as search
+from mergekit_pcb.errors import ConfigError
+from mergekit_pcb.tune.cli import main
+from mergekit_pcb.tune.search import HISTORY_FILE, SearchSettings, run_search
+from tests.conftest import write_config
+
+ROWS = "one JSON object per line, with 'prompt' and 'completion', or 'text'"
+
+
+@pytest.fixture(scope="module")
+def config(tiny_models, tmp_path_factory) -> str:
+    return write_config(str(tmp_path_factory.mktemp("tune-cli") / "pcb.yml"), tiny_models)
+
+
+@pytest.fixture
+def val(tmp_path) -> str:
+    path = tmp_path / "val.jsonl"
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _lines(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", ": no examples (no line that is not blank); expected " + ROWS),
+        (b"\n  \n", ": no examples (no line that is not blank); expected " + ROWS),
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n',
+            ":2: not JSON (Expecting property name enclosed in double quotes at column 16); "
+            "a task file holds " + ROWS,
+        ),
+        (
+            b'{"question": "a", "answer": "b"}\n',
+            ":1: a row needs 'prompt'+'completion' or 'text'; got keys 'question', 'answer'",
+        ),
+        (b"[1, 2]\n", ":1: a row needs 'prompt'+'completion' or 'text'; got [1, 2]"),
+        (b'{"text": ""}\n', ": every 'completion' (or 'text') is empty: nothing to score"),
+        (b'{"text": "\xff"}\n', ": not UTF-8 text (byte 10: invalid start byte)"),
+    ],
+)
+@pytest.mark.parametrize("option", ["--val", "--test"])
+def test_data_file_errors_are_one_line_naming_the_file(
+    config, val, tmp_path, content, problem, option
+):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    files = ["--val", str(bad)] if option == "--val" else ["--val", val, "--test", str(bad)]
+    result = CliRunner().invoke(main, [config, str(tmp_path / "out"), *files])
+    assert result.exit_code == 1
+    assert _lines(result) == [f"Error: {bad}{problem}"]
+
+
+def test_config_errors_are_one_line_and_debug_shows_them(tiny_models, val, tmp_path):
+    missing = str(tmp_path / "gone")
+    config = write_config(str(tmp_path / "pcb.yml"), {**tiny_models, "chat": missing})
+    args = [config, str(tmp_path / "out"), "--val", val]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert _lines(result) == [
+        f"Error: {config}: model {missing}: no such folder, and not a Hugging Face repo id"
+    ]
+    debug = CliRunner().invoke(main, [*args, "--debug"])
+    assert isinstance(debug.exception, ConfigError)
+
+
+def test_every_option_has_help():
+    options = [p for p in main.params if isinstance(p, click.Option)]
+    assert len(options) >= 25
+    assert [o.name for o in options if not (o.help or "").strip()] == []
+    assert "--debug" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_resume_extend_and_refuse_through_the_command(config, val, tmp_path, caplog, monkeypatch):
+    titles = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(figure, path, *args, **kwargs):
+        titles.append(figure.axes[0].get_title())
+        return savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    out = tmp_path / "out"
+    base = [config, str(out), "--val", val, "--popsize", "4", "--no-scale-search", "--quiet"]
+
+    first = CliRunner().invoke(main, [*base, "--budget", "5"])
+    assert first.exit_code == 0, first.output
+    assert "validation loss (lower is better) over 5 evaluations\n" in first.output
+    assert titles == ["validation loss"]  # scores.png names the objective
+    rows = (out / HISTORY_FILE).read_text().splitlines()
+    assert len(rows) == 5
+
+    with caplog.at_level(logging.INFO, logger="mergekit_pcb"):
+        more = CliRunner().invoke(main, [*base, "--budget", "9"])
+    assert more.exit_code == 0, more.output
+    assert "resuming: 5 evaluations from history.jsonl" in caplog.text
+    assert "over 9 evaluations (5 of them resumed from history.jsonl)\n" in more.output
+    extended = (out / HISTORY_FILE).read_text().splitlines()
+    assert extended[:5] == rows and len(extended) == 9  # the first five kept as they were
+
+    other = CliRunner().invoke(main, [*base, "--budget", "9", "--seed", "2"])
+    assert other.exit_code == 1
+    assert _lines(other) == [
+        f"Error: {out} holds a different tuning run (differs in: settings.seed 1 -> 2); "
+        "use another output directory, or delete this one to start over"
+    ]
+    fewer = CliRunner().invoke(main, [*base, "--budget", "6"])
+    assert fewer.exit_code == 1
+    # (refused only once the model is loaded: transformers' bars come first)
+    assert [line for line in _lines(fewer) if "Error" in line] == [
+        f"Error: {out} already holds 9 evaluations, more than --budget 6; give a budget of "
+        "at least 9 to extend the run"
+    ]
+    assert (out / HISTORY_FILE).read_text().splitlines() == extended
+
+
+# --- the search itself, on a function of the weights (no models) ----------------------
+
+
+class _Bowl:
+    """A smooth objective with its minimum at ``centre``; counts its calls."""
+
+    def __init__(self, centre: tuple[float, float], stop_at: int | None = None):
+        self.centre, self.stop_at, self.calls = centre, stop_at, 0
+
+    def __call__(self, weights, timings) -> float:
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return sum((w - c) ** 2 for w, c in zip(weights, self.centre, strict=True))
+
+
+def _search(out, evaluate, budget: int, **settings):
+    return run_search(
+        evaluate,
+        2,
+        maximize=False,
+        out_dir=str(out),
+        identity={"objective": "bowl"},
+        settings=SearchSettings(budget=budget, popsize=4, seed=7, **settings),
+        quiet=True,
+    )
+
+
+def _trace(result) -> list[tuple[list[float], float | None]]:
+    return [(e.weights, e.score) for e in result.history]
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_larger_budget_extends_a_run_as_if_it_had_been_given_at_once(tmp_path, interrupted):
+    straight = _search(tmp_path / "straight", _Bowl((1.3, 0.7)), budget=29)
+    assert len(straight.history) == 29  # the scale search (9) and 5 generations of 4
+
+    out = tmp_path / "extended"
+    if interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            _search(out, _Bowl((1.3, 0.7), stop_at=11), budget=13)
+        done = 10
+    else:
+        done = len(_search(out, _Bowl((1.3, 0.7)), budget=13).history)
+        assert done == 13
+    again = _Bowl((1.3, 0.7))
+    extended = _search(out, again, budget=29)
+    assert again.calls == 29 - done  # nothing scored twice
+    assert _trace(extended) == _trace(straight)
+
+
+def test_the_result_counts_only_the_replayed_evaluations(tmp_path):
+    assert _search(tmp_path, _Bowl((1.3, 0.7)), budget=13).resumed == 0
+    assert _search(tmp_path, _Bowl((1.3, 0.7)), budget=17).resumed == 13
+
+
+class _Bar:
+    """Stands in for tqdm: records the total it is given and how far it got."""
+
+    made: ClassVar[list[_Bar]] = []
+
+    def __init__(self, *args, total: int | None = None, **kwargs):
+        self.first_total, self.total, self.n = total, total, 0
+        _Bar.made.append(self)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("budget", "settings"),
+    [(13, {}), (30, {}), (100, {}), (12, {}), (30, {"lower": 0.1, "upper": 3.0})],
+)
+def test_the_progress_total_is_what_runs(tmp_path, monkeypatch, budget, settings):
+    monkeypatch.setattr(search, "tqdm", _Bar)
+    _Bar.made.clear()
+    result = _search(tmp_path, _Bowl((1.3, 0.7)), budget=budget, **settings)
+    [bar] = _Bar.made
+    assert bar.first_total == len(result.history) == bar.n
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="when the best common scale is on the edge of the scale range, the scale search "
+    "scores 8 points, not 9, but search.py plans the bar's total for 9",
+)
+@pytest.mark.parametrize("budget", [13, 16])
+def test_the_progress_total_is_what_runs_with_the_scale_on_its_edge(tmp_path, monkeypatch, budget):
+    monkeypatch.setattr(search, "tqdm", _Bar)
+    _Bar.made.clear()
+    result = _search(tmp_path, _Bowl((20.0, 20.0)), budget=budget)  # best scale: 8, the edge
+    [bar] = _Bar.made
+    assert bar.first_total == len(result.history) == bar.n
