@@ -218,11 +218,6 @@ def test_the_progress_total_is_what_runs(tmp_path, monkeypatch, budget, settings
     assert bar.first_total == len(result.history) == bar.n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when the best common scale is on the edge of the scale range, the scale search "
-    "scores 8 points, not 9, but search.py plans the bar's total for 9",
-)
 @pytest.mark.parametrize("budget", [13, 16])
 def test_the_progress_total_is_what_runs_with_the_scale_on_its_edge(tmp_path, monkeypatch, budget):
     monkeypatch.setattr(search, "tqdm", _Bar)

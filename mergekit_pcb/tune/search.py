@@ -7,7 +7,8 @@ batches, and knows whether higher is better (:func:`is_better`, the one definiti
    merge did best at 0.375; ``task_arithmetic``'s weights add up). So the search first
    scores the start weights ``w0`` (the config's own) times a common scale on a log
    grid over ``[scale_min, scale_max]`` (1/8 to 8: seven points, 1 among them), then
-   the two geometric midpoints beside the best: nine evaluations.
+   two points beside the best (its geometric midpoints with its neighbours, or two
+   points towards its one neighbour at an edge): nine evaluations.
 2. **Per model.** CMA-ES (pycma, ask/tell, real bounds) over one weight per model,
    in coordinates relative to the best scaled start ``s* w0``: the box is
    ``[lower_factor, upper_factor] x s* w0`` (0.5 to 3, the paper's NLP box when the
@@ -562,7 +563,12 @@ def _search_scale(
     ordered = sorted(grid)
     best = _best_scale(scored, run.maximize)
     at = ordered.index(best)
-    beside = [math.sqrt(best * ordered[j]) for j in (at - 1, at + 1) if 0 <= j < len(ordered)]
+    neighbours = [ordered[j] for j in (at - 1, at + 1) if 0 <= j < len(ordered)]
+    if len(neighbours) == 2:  # the geometric midpoints on either side
+        beside = [math.sqrt(best * n) for n in neighbours]
+    else:  # at the edge of the range: two points towards the one neighbour, so 9 in all
+        (n,) = neighbours
+        beside = [best ** (2 / 3) * n ** (1 / 3), best ** (1 / 3) * n ** (2 / 3)]
     batch = run.run_batch([[s * w for w in w0] for s in beside], "scale")
     scored.update(zip(beside, batch, strict=True))
     best = _best_scale(scored, run.maximize)
