@@ -121,10 +121,15 @@ def test_resume_extend_and_refuse_through_the_command(config, val, tmp_path, cap
         f"Error: {out} holds a different tuning run (differs in: settings.seed 1 -> 2); "
         "use another output directory, or delete this one to start over"
     ]
+    import mergekit_pcb.tune.run as run
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("the budget is refused before any heavy work")
+
+    monkeypatch.setattr(run, "capture_contributions", no_capture)
     fewer = CliRunner().invoke(main, [*base, "--budget", "6"])
     assert fewer.exit_code == 1
-    # (refused only once the model is loaded: transformers' bars come first)
-    assert [line for line in _lines(fewer) if "Error" in line] == [
+    assert _lines(fewer) == [
         f"Error: {out} already holds 9 evaluations, more than --budget 6; give a budget of "
         "at least 9 to extend the run"
     ]

@@ -44,8 +44,7 @@ from mergekit_pcb.tune.search import (
     SearchResult,
     SearchSettings,
     is_better,
-    prepare_run_dir,
-    run_identity,
+    open_run,
     run_search,
     write_atomic,
 )
@@ -182,8 +181,12 @@ def tune(
         "models": names,
         "objective": identity_objective or {"name": objective.name},
     }
-    prepare_run_dir(out_dir, run_identity(identity, settings))  # refuse a different run early
+    open_run(out_dir, identity, settings)  # refuse a different run or budget before heavy work
 
+    if quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     dtype = getattr(torch, merge_config.out_dtype or merge_config.dtype or "float32")
     device = resolve_device(device)
     from transformers import AutoTokenizer

@@ -295,6 +295,26 @@ def prepare_run_dir(out_dir: str, identity: dict) -> tuple[dict, dict[int, Evalu
     return record, read_history(os.path.join(out_dir, HISTORY_FILE))
 
 
+def open_run(
+    out_dir: str, identity: dict, settings: SearchSettings
+) -> tuple[dict, dict[int, Evaluation]]:
+    """:func:`prepare_run_dir` for this search, refusing a budget below what is recorded.
+
+    Cheap: callers run it before any heavy work, so that a wrong directory or budget
+    is refused at once.
+    """
+    record, recorded = prepare_run_dir(out_dir, run_identity(identity, settings))
+    done = 0
+    while done in recorded:
+        done += 1
+    if done > settings.budget:
+        raise RunMismatchError(
+            f"{out_dir} already holds {done} evaluations, more than --budget "
+            f"{settings.budget}; give a budget of at least {done} to extend the run"
+        )
+    return record, recorded
+
+
 def read_history(path: str) -> dict[int, Evaluation]:
     """The evaluations recorded in ``path`` by index (a line cut by a crash is dropped)."""
     recorded: dict[int, Evaluation] = {}
@@ -459,17 +479,11 @@ def run_search(
     """
     names = list(model_names or [f"model {i}" for i in range(n_models)])
     w0 = _start_weights(settings, start, n_models, names)
-    record, recorded = prepare_run_dir(out_dir, run_identity(identity, settings))
+    record, recorded = open_run(out_dir, identity, settings)
     if "scale_search" not in record:  # decided once, by the first run of this directory
         record["scale_search"] = plan_scale_search(settings, n_models)
         write_atomic(
             os.path.join(out_dir, RUN_FILE), json.dumps(record, indent=2, sort_keys=True) + "\n"
-        )
-    contiguous = _contiguous(recorded)
-    if contiguous > settings.budget:
-        raise RunMismatchError(
-            f"{out_dir} already holds {contiguous} evaluations, more than --budget "
-            f"{settings.budget}; give a budget of at least {contiguous} to extend the run"
         )
     resumed = len(recorded)  # ``recorded`` grows as the run goes on
     if resumed:
@@ -525,13 +539,6 @@ def run_search(
     for hit in hits:
         LOG.warning(hit.message())
     return SearchResult(run.history[0], best, run.history, hits, resumed=resumed)
-
-
-def _contiguous(recorded: dict[int, Evaluation]) -> int:
-    count = 0
-    while count in recorded:
-        count += 1
-    return count
 
 
 def _start_weights(
