@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the package with its test tools, CPU torch pinned.
+# Create .venv (if missing) and install the package with its test tools and Ray, CPU torch pinned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,4 +9,5 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first, from the pin, so that nothing resolves it to a CUDA build.
 .venv/bin/python -m pip install --quiet -c constraints-dev.txt torch
-.venv/bin/python -m pip install --quiet -c constraints-dev.txt -e ".[test]"
+# The ray extra too, so that the tests of --workers run rather than skip.
+.venv/bin/python -m pip install --quiet -c constraints-dev.txt -e ".[test,ray]"

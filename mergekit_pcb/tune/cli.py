@@ -15,6 +15,7 @@ import click
 
 from mergekit_pcb.cli import DEBUG_HELP, reported_errors
 from mergekit_pcb.tune import objectives
+from mergekit_pcb.tune.parallel import ray_workers
 from mergekit_pcb.tune.run import sha256_file, tune
 from mergekit_pcb.tune.search import SearchSettings
 
@@ -180,6 +181,19 @@ def build_objective(
     default=None,
     help="spread the live model over several GPUs with accelerate (e.g. auto)",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="evaluate each generation's candidates in parallel on N Ray actors, one GPU each "
+    "where the cluster has GPUs, else one CPU each (pip install 'mergekit-pcb[ray]'); "
+    "the driver's own copy (capture, test scores) stays on --device  [default: no Ray]",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="with --workers: join this Ray cluster  [default: start a local one for the run]",
+)
 @click.option("--write-model", is_flag=True, help="also merge best.yml into OUT_DIR/merged")
 @click.option("--quiet", is_flag=True, help="no progress bars, warnings only")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
@@ -209,6 +223,8 @@ def main(
     contributions: str,
     device: str,
     device_map: str | None,
+    workers: int | None,
+    ray_address: str | None,
     write_model: bool,
     quiet: bool,
     debug: bool,
@@ -246,19 +262,21 @@ def main(
             "val": [{"path": p, "sha256": sha256_file(p)} for p in val],
             "lm_eval_tasks": list(lm_eval_task),
         }
-        result = tune(
-            config_file,
-            out_dir,
-            objective,
-            settings,
-            identity_objective=identity_objective,
-            test_objective=test_objective,
-            contributions=contributions,
-            device=device,
-            device_map=device_map,
-            write_model=write_model,
-            quiet=quiet,
-        )
+        with ray_workers(workers, objective, ray_address) as evaluator:
+            result = tune(
+                config_file,
+                out_dir,
+                objective,
+                settings,
+                identity_objective=identity_objective,
+                test_objective=test_objective,
+                contributions=contributions,
+                device=device,
+                device_map=device_map,
+                write_model=write_model,
+                quiet=quiet,
+                evaluator=evaluator,
+            )
     direction = "higher" if objective.maximize else "lower"
     # Also said in the output, which --quiet keeps (the search logs it as it starts).
     resumed = result.search.resumed
