@@ -14,10 +14,10 @@ sorted index), found without sorting. Above 2^16 entries a sorted random sample
 brackets the wanted rank; counting passes over the row check the bracket and, for
 rows full of ties (bf16 task vectors have a few hundred distinct magnitudes among
 millions), answer directly when the rank falls in a block of equal values at the
-bracket's edge; only the few entries strictly inside the bracket are then gathered
-and selected (``torch.topk``). The two bool masks of those passes share the inter-balance
-buffer, which is free while a quantile is selected; transient memory is the
-gathered entries, a few percent of the row.
+bracket's edge; otherwise only the entries inside the bracket, a few percent of the
+row, are gathered and selected (``torch.topk``). The two bool masks of those passes
+share the inter-balance buffer, which is free while a quantile is selected; the
+transient memory is that of the gathered entries.
 
 Where the reference is undefined (0/0) the result is defined here, and finite:
 
@@ -87,15 +87,17 @@ def check_clamp_ratio(clamp_ratio: float) -> float:
 
 
 #: Rows up to this size are selected whole (``_select``); above it, through a sampled
-#: bracket, whose few passes over the row cost less than a whole-row selection: on
-#: the CPU, 16.7M entries, the bracket takes 15-35 ms where ``topk`` or
-#: ``kthvalue`` take 300-600 ms; on an H100, 58.7M entries, a pass takes about
-#: 0.1 ms where ``topk`` of 20% takes 1.4 ms and a sort 3.2 ms (the issue's figures).
+#: bracket, whose few passes over the row cost less than a whole-row selection. On
+#: 2 CPU cores, 16.7M entries of a bf16 task vector: 13-35 ms per quantile, where a
+#: whole-row ``kthvalue`` took 240 ms and ``topk`` of 20% 600 ms. On an H100, 58.7M
+#: entries (the issue's figures): ``topk`` of 20% 1.4 ms, a sort 3.2 ms, against a
+#: few elementwise passes of roughly 0.1 ms each (estimated from memory bandwidth).
 _DIRECT_SELECT = 1 << 16
 
 #: Per device type (``"cuda"``, ...), a different size up to which rows are selected
-#: whole. Empty: the bracket pays on every device measured. Setting a device to a
-#: huge value flips it to whole-row ``topk``.
+#: whole. Empty: every device uses the bracket (measured on the CPU; chosen for CUDA
+#: from the figures above, not yet measured). Setting a device type to a huge value,
+#: e.g. ``_DIRECT_SELECT_ON["cuda"] = 1 << 62``, flips it to whole-row ``topk``.
 _DIRECT_SELECT_ON: dict[str, int] = {}
 
 #: A bracket holding more than this many times its expected share of the row holds a
@@ -117,10 +119,11 @@ def _select(values: torch.Tensor, index: int) -> torch.Tensor:
     """Element at ``index`` of flat ``values`` sorted ascending, by a whole-set selection.
 
     ``torch.topk`` of the smaller side, unsorted, on every device. On the CPU it
-    beats ``torch.kthvalue`` on the sets the bracket leaves (65,536 entries: 0.5 ms
-    against 11 ms, median; 0.3-0.6M entries: 10-19 ms against 13-27 ms, measured
-    on 2 busy cores); on CUDA ``kthvalue`` runs one thread block per row (420-460 ms
-    on 58.7M entries on an H100). The smaller side keeps topk's output small.
+    is as fast as ``torch.kthvalue`` or faster on the sets the bracket leaves
+    (medians on 2 busy cores: 65,536 entries 0.5-0.6 ms against 11 ms; 0.3-0.6M
+    entries 10-19 ms against 9-27 ms); on CUDA ``kthvalue`` runs one thread block
+    per row (420-460 ms on 58.7M entries on an H100). The smaller side keeps
+    topk's output small.
     """
     d = values.numel()
     if index < d - index:

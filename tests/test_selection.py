@@ -11,11 +11,17 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from mergekit_pcb import core
 from mergekit_pcb.core import PCBOptions, _kth_smallest, clamp_indices, drop_index, pcb_merge
 from mergekit_pcb.whole_model import RadixSelect, whole_model_stats
+from tests.conftest import write_config
 from tests.reference_pcb import reference_pcb, relative_error
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -72,8 +78,9 @@ ROWS: dict[str, Callable[[int, int], torch.Tensor]] = {
     "two values 50/50": lambda d, s: _two_values(d, s, 0.5),
     "two values 80/20": lambda d, s: _two_values(d, s, 0.8),
     "two values 99/1": lambda d, s: _two_values(d, s, 0.99),
-    # A block filling most of the bracket, placed so that the method's ranks fall
-    # just below it, at its first and last entry, and just above it.
+    # A block of equal values placed so that some of the method's ranks fall on its
+    # first or last entry or just above it (the clamp and drop ranks are at 0.01%,
+    # 1%, 10%, 50%, 80%, 90%, 95%, 99% of the row).
     "block at 0.19-0.8": lambda d, s: _block_row(d, s, 0.19, 0.61),
     "block at 0.2-0.5": lambda d, s: _block_row(d, s, 0.2, 0.3),
     "block at 0.5-0.8": lambda d, s: _block_row(d, s, 0.5, 0.3),
@@ -113,8 +120,9 @@ def test_small_rows_are_selected_directly_and_exactly(kind, d):
 
 @pytest.mark.parametrize("kind", list(ROWS))
 def test_tie_heavy_rows_never_select_a_large_set(kind, monkeypatch):
-    # The point of the bracket: a whole-set selection (kthvalue, topk) only ever
-    # sees a few percent of the row, never a block of ties or the whole row.
+    # The point of the bracket: the whole-set selection (topk) only ever sees a
+    # small share of the row (the bracket, at most ~2x its expected 7% here), never
+    # a block of ties or the whole row, which made tie-heavy rows slow.
     d = 300_000
     sizes: list[int] = []
     real_select = core._select
@@ -387,3 +395,24 @@ def test_bf16_merge_on_cuda_equals_the_cpu_one():
     # bf16 output: equal up to one rounding of the last place where exp/tanh differ.
     close = torch.isclose(on_cuda.cpu().float(), on_cpu.float(), rtol=2**-7, atol=0)
     assert close.float().mean() >= 0.999
+
+
+@CUDA
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+def test_mergekit_merge_with_cuda_equals_the_cpu_merge(scope, tiny_models, tmp_path):
+    # The failure: scope: model with --cuda stopped at a CPU histogram.
+    config_path = write_config(
+        str(tmp_path / "pcb.yml"), tiny_models, parameters={"scope": scope, "clamp_ratio": 0.02}
+    )
+    with open(config_path, encoding="utf-8") as file:
+        config = MergeConfiguration.model_validate(yaml.safe_load(file))
+    merged = {}
+    for cuda in (False, True):
+        out = str(tmp_path / f"out-cuda-{cuda}")
+        run_merge(config, out, options=MergeOptions(quiet=True, cuda=cuda))
+        merged[cuda] = load_file(f"{out}/model.safetensors")
+    base = load_file(f"{tiny_models['base']}/model.safetensors")
+    names = sorted(merged[False])
+    flat = {cuda: torch.cat([m[k].reshape(-1) for k in names]) for cuda, m in merged.items()}
+    flat_base = torch.cat([base[k].reshape(-1) for k in names])
+    assert relative_error(flat[True], flat[False].double(), flat_base) <= 1e-5
