@@ -334,7 +334,9 @@ def checks(rows: Sequence[Row], device: str) -> list[tuple[str, bool | None]]:
     show_default=True,
     help="comma-separated numbers of fine-tunes",
 )
-@click.option("--density", default=0.2, show_default=True, type=click.FloatRange(0, 1))
+@click.option(
+    "--density", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True)
+)
 @click.option(
     "--ulps",
     default=2.0,
