@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The device checks of issues 11 and 12, as ONE command for the GPU machine (see
+# benchmarks/GPU.md): install the carried wheels, run the CUDA tests, the kernel table,
+# the end-to-end --cuda merges and the tuner's CUDA benchmark; everything goes to $OUT.
+# Usage there:  bash scripts/gpu-check.sh   (carry: .whl)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+run() { echo "== $*"; timeout "$1" "${@:2}" 2>&1 | tee -a "$OUT/log.txt" | tail -40; }
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
+run 120 python3 -m pytest -q -p no:cacheprovider tests/test_selection.py tests/test_contributions.py -k "cuda or gpu"
+run 200 python3 -m benchmarks.kernel_speed --device cuda
+run 300 python3 -m benchmarks.merge_speed --size 500m --cuda --repeats 1
+run 300 python3 -m benchmarks.tune_speed --size 500m --device cuda --candidates 3

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Download, for the project's GPU machine (Python 3.12, no network), the wheels it lacks
+# into .whl/ (ignored by git); scripts/gpu-check.sh installs them there. See
+# benchmarks/GPU.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+PY=${PYTHON:-python3}
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+# What mergekit-pcb needs beyond that machine's image (torch, transformers, safetensors,
+# accelerate, peft, numpy, pytest ... are there).
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp "${platforms[@]}" -d .whl \
+  mergekit==0.1.5 cma pydantic pydantic-core annotated-types typing-inspection immutables \
+  datasets dill multiprocess "typing_extensions>=4.14"
+ls .whl
