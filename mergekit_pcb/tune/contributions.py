@@ -211,7 +211,7 @@ class Contributions:
         self.fixed = fixed  # tensors that do not depend on the weights (buffers)
         # Each model's weight as the config resolves it (None: it varies by tensor).
         self.config_weights = list(config_weights or [None] * len(self.model_names))
-        self._disk = disk
+        self.disk = disk  # where terms placed on disk are (None: nowhere)
         self.placement = placement
 
     @property
@@ -237,8 +237,8 @@ class Contributions:
         """Tensor ``name``'s terms on ``device`` (read from disk, or moved, if need be)."""
         terms = self.terms[name]
         if terms.on_disk:
-            assert self._disk is not None
-            return self._disk.load(name, terms, device)
+            assert self.disk is not None
+            return self.disk.load(name, terms, device)
         # Terms kept in CPU memory for a parameter on a GPU travel to it per candidate.
         if terms.anchor is not None and terms.anchor.device != device:
             return terms.to(device)

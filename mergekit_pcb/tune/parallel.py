@@ -126,7 +126,7 @@ def _payload(
         name: t if t.on_disk or _on_cpu(t) else t.to("cpu")
         for name, t in contributions.terms.items()
     }
-    disk = contributions._disk
+    disk = contributions.disk
     return _Payload(
         model_names=list(contributions.model_names),
         method=contributions.method,
