@@ -82,11 +82,11 @@ def _compute(
             loaded = [compat.load_tensor(loader, name, like.device) for loader in loaders]
             if all(t.is_floating_point() for t in loaded):
                 loaded = [t.to(dtype=like.dtype) for t in loaded]
-                yield name, loaded[0], loaded[1:]
+            yield name, loaded[0], loaded[1:]
 
     LOG.info("pcb scope: model: computing whole-model statistics for %d models", len(refs) - 1)
     try:
-        return whole_model_stats(tensors, densities, options)
+        return whole_model_stats(tensors, densities, options, n_tensors=len(names))
     except NonFiniteInputError as error:
         index = 0 if error.model_index is None else error.model_index + 1
         raise non_finite_input(refs[index], is_base=index == 0, tensor=error.tensor_name) from None

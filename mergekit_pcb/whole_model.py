@@ -134,23 +134,29 @@ def whole_model_stats(
     options: PCBOptions,
     *,
     progress: bool = True,
+    n_tensors: int | None = None,
 ) -> list[ModelStats | None]:
     """Per model, the whole-model statistics of the spec; None for an all-zero model.
 
     ``tensors()`` must yield the same tensors, in the same order, on every call,
-    on the device and in the dtype the merge itself will see.
+    on the device and in the dtype the merge itself will see; tensors that are not
+    floating point (buffers) are passed over. ``n_tensors``: how many it yields, for
+    the progress bars.
     """
     n = len(densities)
     clamp = options.clamp_ratio > 0
 
     def stream(desc: str):
-        return tqdm(
+        for name, base, finetuned in tqdm(
             tensors(),
             desc=f"PCB whole-model statistics, {desc}",
+            total=n_tensors,
             disable=not progress,
             unit="tensor",
             leave=False,
-        )
+        ):
+            if base.is_floating_point() and all(t.is_floating_point() for t in finetuned):
+                yield name, base, finetuned
 
     def magnitudes(desc: str, check: bool = False):
         for name, base, finetuned in stream(desc):

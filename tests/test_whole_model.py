@@ -179,3 +179,53 @@ def test_scope_model_names_a_non_finite_tensor_anywhere(tiny_models, tmp_path):
     )
     with pytest.raises(ValueError, match=message):
         run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
+
+
+class _Bar:
+    """Stands in for tqdm: records each bar's total and how far it went."""
+
+    made: list[_Bar] = []  # noqa: RUF012  (test double)
+
+    def __init__(self, iterable=None, total=None, **kwargs):
+        self.iterable, self.total, self.n = iterable, total, 0
+        _Bar.made.append(self)
+
+    def __iter__(self):
+        for item in self.iterable:
+            self.n += 1
+            yield item
+
+
+def test_scope_model_progress_bars_have_their_total(tiny_models, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    import mergekit_pcb.whole_model as whole_model
+
+    monkeypatch.setattr(whole_model, "tqdm", _Bar)
+    _Bar.made.clear()
+    config_path = write_config(
+        str(tmp_path / "pcb.yml"), tiny_models, parameters={"scope": "model", "lambda": 0.9}
+    )
+    with open(config_path, encoding="utf-8") as file:
+        config = MergeConfiguration.model_validate(yaml.safe_load(file))
+    run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
+    with safe_open(os.path.join(tiny_models["base"], "model.safetensors"), "pt") as file:
+        stored = len(list(file.keys()))
+    assert len(_Bar.made) == 4  # four passes
+    assert [(bar.total, bar.n) for bar in _Bar.made] == [(stored, stored)] * 4
+
+
+def test_tensors_that_are_not_floating_point_are_passed_over():
+    base, finetuned = _model(3, 2, [(30, 20)])
+    counter = torch.tensor([7])  # an integer buffer, e.g. a step count
+
+    def stream():
+        yield "w", base[0], [f[0] for f in finetuned]
+        yield "step", counter, [counter, counter]
+
+    with_buffer = whole_model_stats(stream, [0.2, 0.3], PCBOptions(), progress=False, n_tensors=2)
+
+    def floats_only():
+        yield "w", base[0], [f[0] for f in finetuned]
+
+    assert with_buffer == whole_model_stats(floats_only, [0.2, 0.3], PCBOptions(), progress=False)
