@@ -276,3 +276,170 @@ def test_large_tensor_matches_reference():
     merged = pcb_merge(base, finetuned, weights=weights, densities=densities)
     expected = reference_pcb(base, finetuned, weights, densities)
     assert relative_error(merged, expected, base) <= 1e-5
+
+
+# --- the fast kernel against the plain chain of the spec, bit for bit ------------------
+
+
+def _tie_heavy(n: int, d: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """bf16 base and fine-tunes a few ulps away: task vectors full of ties, 20% zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    base = (torch.randn(d, generator=gen) * 0.02).to(torch.bfloat16)
+    bits = base.view(torch.int16)
+    finetuned = []
+    for _ in range(n):
+        steps = (torch.randn(d, generator=gen) * 2).round().clamp(-8, 8).to(torch.int16)
+        moved = ((bits & 0x7FFF) + steps).clamp(0, 0x7F7F)
+        finetuned.append(((bits & -0x8000) | moved).view(torch.bfloat16))
+    return base, finetuned
+
+
+def _plain_rows(base, finetuned, densities, options):
+    """Steps 1-5 as the spec writes them, one float32 operation after another,
+    quantiles by a full sort: ``{i: (Tc_i, scale_i)}``."""
+    from mergekit_pcb.core import clamp_indices, drop_index
+
+    base32 = base.reshape(-1).float()
+    tvs = [f.reshape(-1).float() - base32 for f in finetuned]
+    d, n = base32.numel(), len(tvs)
+    colsum = torch.zeros(d)
+    for t in tvs:
+        colsum = colsum + t
+    rows = {}
+    for i, t in enumerate(tvs):
+        if not bool((t != 0).any()):
+            continue
+        magnitude = t.abs()
+        ordered = magnitude.sort().values
+        if options.clamp_ratio > 0:
+            lo_index, hi_index = clamp_indices(d, options.clamp_ratio)
+            lo, hi = ordered[lo_index], ordered[hi_index]
+            magnitude = magnitude.clamp(min=lo, max=hi)
+        else:
+            lo, hi = ordered[0], ordered[-1]
+        low, high = (lo, hi) if lo <= hi else (hi, hi)
+        inter = torch.tanh(t * colsum)
+        clamped = torch.sign(t) * magnitude
+        x = magnitude - low
+        x = x / (high - low) if high - low > 0 else torch.zeros_like(x)
+        intra = torch.exp(((x * x) - 1.0) * float(n))
+        if options.intra_balance and options.inter_balance:
+            score = intra * inter
+        elif options.intra_balance:
+            score = intra
+        elif options.inter_balance:
+            score = inter
+        else:
+            score = torch.ones(d)
+        g = score.sort().values[drop_index(d, densities[i])]
+        top = score.max()
+        if top > g:
+            scale = (score.clamp(min=g) - g) / (top - g)
+        else:
+            scale = (score == top).float()
+        rows[i] = (clamped, scale)
+    return rows
+
+
+ROW_OPTIONS = [
+    PCBOptions(),
+    PCBOptions(clamp_ratio=0.0),
+    PCBOptions(clamp_ratio=0.1),
+    PCBOptions(intra_balance=False),
+    PCBOptions(inter_balance=False),
+    PCBOptions(intra_balance=False, inter_balance=False),
+]
+
+
+@pytest.mark.parametrize("options", ROW_OPTIONS, ids=lambda o: repr(o)[10:-1])
+@pytest.mark.parametrize(
+    "data", ["float32 small", "float32 large", "bf16 large", "frozen model", "one model"]
+)
+def test_rows_equal_the_plain_chain_bit_for_bit(data, options):
+    # The score decides which entries are kept: any other rounding of it could swap
+    # two entries an ulp apart at the threshold. So steps 1-5 must give the plain
+    # chain's scales and Tc * scale exactly, on both sides of the sampled selection
+    # (above 2^16 entries), for distinct values and for bf16 ties.
+    from mergekit_pcb.core import balanced_rows
+
+    if data == "float32 small":
+        base, finetuned = _random_models(3, (40, 50), seed=3)
+    elif data == "float32 large":
+        base, finetuned = _random_models(3, (300, 400), seed=4)
+    elif data == "bf16 large":
+        base, finetuned = _tie_heavy(4, 300_000, seed=5)
+    elif data == "frozen model":
+        base, finetuned = _tie_heavy(3, 200_000, seed=6)
+        finetuned[1] = base.clone()
+    else:
+        base, finetuned = _tie_heavy(1, 200_000, seed=7)
+    densities = [0.2, 0.05, 0.5, 0.1][: len(finetuned)]
+    expected = _plain_rows(base, finetuned, densities, options)
+    got = {}
+    base32 = base.reshape(-1).float()
+    for i, clamped, scale in balanced_rows(base32, finetuned, densities, options):
+        got[i] = (clamped * scale, scale.clone())
+    assert got.keys() == expected.keys()
+    for i, (weighted, scale) in got.items():
+        assert torch.equal(scale, expected[i][1]), f"scale of model {i}"
+        assert torch.equal(weighted, expected[i][0] * expected[i][1]), f"Tc * scale of model {i}"
+
+
+def test_drop_ramp_equals_rescale_at_the_sorted_threshold():
+    # The drop threshold tried from the sample and checked by the ramp's own counts,
+    # hit or missed, gives the rescale of the exact threshold bit for bit.
+    from mergekit_pcb.core import _drop_ramp, _selection_masks, drop_index, rescale
+
+    base, finetuned = _tie_heavy(3, 400_000, seed=8)
+    t = [f.float() - base.float() for f in finetuned]
+    colsum = t[0] + t[1] + t[2]
+    scores = [
+        torch.exp((t[0].abs() / t[0].abs().max()).square() * 3) * torch.tanh(t[0] * colsum),
+        torch.tanh(t[1] * colsum * 1e6),
+        (t[2].abs() * 1e3).round(),
+    ]
+    spare = torch.empty(400_000)
+    for score in scores:
+        ordered = score.sort().values
+        for density in (0.01, 0.05, 0.2, 0.37, 0.5, 0.8, 1.0):
+            g = ordered[drop_index(score.numel(), density)]
+            expected = rescale(score.clone(), g, ordered[-1])
+            ramp, span = _drop_ramp(score.clone(), density, spare, _selection_masks(400_000, "cpu"))
+            assert torch.equal(ramp / span if span != 1.0 else ramp, expected), density
+
+
+def test_selection_with_a_value_already_counted():
+    from mergekit_pcb.core import _kth_smallest
+
+    _, (finetuned,) = _tie_heavy(1, 300_000, seed=9)
+    row = finetuned.float().abs()
+    ordered = row.sort().values
+    for index in (3_000, 150_000, 240_000, 277_000):
+        for other in (index - 20_000, index - 300, index + 300, index + 20_000):
+            value = ordered[other].item()
+            known = (value, int((row < value).sum()), int((row <= value).sum()))
+            assert _kth_smallest(row, index, known=known).item() == ordered[index].item()
+
+
+def test_work_buffers_are_never_shared_or_returned():
+    from mergekit_pcb.core import balanced_rows, release_work_buffers
+
+    base, finetuned = _tie_heavy(3, 100_000, seed=10)
+    kwargs = {"weights": [1.0, 0.5, 2.0], "densities": [0.2] * 3}
+    first = pcb_merge(base.float(), [f.float() for f in finetuned], **kwargs)
+    kept = first.clone()
+    pcb_merge(base, finetuned, **kwargs)  # same size: reuses the kept buffers
+    assert torch.equal(first, kept)
+
+    # Two row generators alive at once (nested callers) each get their own buffers.
+    base32 = base.float()
+    alone = {i: s.clone() for i, _, s in balanced_rows(base32, finetuned, [0.2] * 3, PCBOptions())}
+    outer = balanced_rows(base32, finetuned, [0.2] * 3, PCBOptions())
+    i, _, scale = next(outer)
+    held = scale.clone()
+    inner = {j: s.clone() for j, _, s in balanced_rows(base32, finetuned, [0.1] * 3, PCBOptions())}
+    assert torch.equal(scale, held) and torch.equal(held, alone[i])
+    assert all(torch.equal(s, alone[j]) for j, _, s in outer)
+    assert inner.keys() == alone.keys()
+    release_work_buffers()
+    assert torch.equal(pcb_merge(base.float(), [f.float() for f in finetuned], **kwargs), kept)

@@ -67,10 +67,11 @@ def _pcb_terms(group: TensorGroup, parameters: dict, model_index: Mapping[str, i
     kept: dict[int, CompactRow] = {}
     scale_sum = torch.zeros_like(base32)
     with naming_non_finite_inputs(group):
-        for i, weighted, scale in balanced_rows(
+        for i, clamped, scale in balanced_rows(
             base32, inputs.finetuned, inputs.densities, inputs.options, inputs.stats
         ):
-            kept[members[i]] = compact(weighted)  # a copy: ``weighted`` is a work buffer
+            # s_i * Tc_i in Tc_i's work buffer; compact() copies it out.
+            kept[members[i]] = compact(clamped.mul_(scale))
             scale_sum.add_(scale)
     scale_sum.clamp_(min=SCALE_SUM_EPS)
     rows = {index: row.divided(scale_sum) for index, row in kept.items()}
