@@ -20,7 +20,10 @@ Peak extra memory, per call, beyond the inputs already resident (the result coun
   allocated before the call;
 * CPU: after all timed calls, one more call per method and row: the process's peak
   resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
-  resident set before the call. For these calls glibc is told to serve every
+  resident set before the call. ``pcb``'s CPU work-buffer pool (``mergekit_pcb.core``)
+  is emptied before each of these calls, so its buffers count as the call's own
+  (between the tensors of a merge they stay resident: up to 512 MiB per thread).
+  For these calls glibc is told to serve every
   allocation of 1 MiB or more by ``mmap`` (``mallopt``), so that a freed tensor
   leaves the resident set at once and the kernel's high-water mark follows the live
   tensors (the timed calls run under the allocator's usual settings). Where this is
@@ -36,8 +39,8 @@ Targets (issue "pcb at GPU speed"), reported as PASS/FAIL lines, never raised:
 
 Run from the repository root after the dev install::
 
-    .venv/bin/python benchmarks/kernel_speed.py                      # cuda if available
-    .venv/bin/python benchmarks/kernel_speed.py --device cpu --shapes small --models 3
+    .venv/bin/python -m benchmarks.kernel_speed                      # cuda if available
+    .venv/bin/python -m benchmarks.kernel_speed --device cpu --shapes small --models 3
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import torch
 from mergekit.merge_methods import merge_tensors
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
+from mergekit_pcb.core import release_work_buffers
 
 LOG = logging.getLogger("kernel_speed")
 
@@ -241,6 +245,7 @@ def cpu_memory_row(row: Row, cpu_peak: CpuPeak, *, density: float, ulps: float, 
     """One call per method, peak extra resident memory into ``row``."""
     calls = _calls(row.shape, row.n, "cpu", density, ulps, seed)
     for method in METHODS:
+        release_work_buffers()
         row.peak_mib[method] = cpu_peak.extra_mib(calls[method])
         LOG.info(
             "%d x %d n=%d memory %-16s %6.0f MiB", *row.shape, row.n, method, row.peak_mib[method]

@@ -34,7 +34,7 @@ from mergekit.options import MergeOptions
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
-from benchmarks.synthetic_160m import DEFAULT_DIR, models_160m
+from benchmarks.synthetic import SIZES, synthetic_models
 from mergekit_pcb.tune.capture import capture_contributions
 from mergekit_pcb.tune.objectives import Example, completion_loss
 
@@ -66,19 +66,6 @@ def _dense_apply(contributions, dense: dict[str, torch.Tensor], model, weights) 
             params[name].copy_(merged)
 
 
-def _config_500m():
-    # ~0.5B parameters: the size the CUDA figures of the issue use.
-    from mergekit_pcb.synthetic import tiny_llama_config
-
-    return tiny_llama_config(
-        vocab_size=32000,
-        hidden_size=1536,
-        intermediate_size=4096,
-        num_hidden_layers=14,
-        num_attention_heads=12,
-    )
-
-
 @click.command()
 @click.option("--workdir", default="benchmarks/output/tune_speed", show_default=True)
 @click.option(
@@ -86,22 +73,14 @@ def _config_500m():
     default=None,
     help="where the synthetic models are made once and reused  [default: by --size]",
 )
-@click.option("--size", type=click.Choice(["160m", "500m"]), default="160m", show_default=True)
+@click.option("--size", type=click.Choice(SIZES), default="160m", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--candidates", default=5, show_default=True, help="candidates timed per method")
 def main(workdir: str, models: str | None, size: str, device: str, candidates: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     os.makedirs(workdir, exist_ok=True)
-    if size == "160m":
-        paths = models_160m(models or DEFAULT_DIR)
-    else:
-        from mergekit_pcb.synthetic import write_tiny_models
-
-        folder = models or "benchmarks/output/models_500m"
-        paths = write_tiny_models(
-            folder, ("math", "code", "chat"), config=_config_500m(), dtype=torch.bfloat16
-        )
+    paths = synthetic_models(size, models)
     gen = torch.Generator().manual_seed(1)
     weights = [[1.0, 1.0, 1.0]] + [
         (0.5 + 2.5 * torch.rand(3, generator=gen)).tolist() for _ in range(candidates - 1)

@@ -1,36 +1,35 @@
 """The merge-quality study's own machinery (benchmarks/quality): the parts its numbers rest on.
 
 The study itself is too slow for the test suite; these check the shortcuts it takes
-(lambda scaling, trimmed scoring), the expert replay, and that its model cache is reused.
+(lambda scaling, trimmed scoring), the expert replay, that its model cache is reused,
+and the tuned rows' search and merge.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+import yaml
 from transformers import LlamaForCausalLM
 
-sys.path.insert(
-    0,
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quality"
-    ),
+from benchmarks.quality.quality_eval import score_task
+from benchmarks.quality.quality_merge import (
+    ABLATIONS,
+    METHODS,
+    merge_in_memory,
+    merge_with_mergekit,
+    mergekit_config,
+    scale_merge,
 )
-
-from quality_eval import score_task
-from quality_merge import ABLATIONS, METHODS, merge_in_memory, scale_merge
-from quality_models import (
+from benchmarks.quality.quality_models import (
     ModelSettings,
     TrainSettings,
     build_models,
     encode_batch,
     llama_config,
 )
-from quality_tasks import BASE_KEYS, KEYS, TASKS, TrainStream, make_splits
-
+from benchmarks.quality.quality_tasks import BASE_KEYS, KEYS, TASKS, TrainStream, make_splits
+from benchmarks.quality.quality_tune import read_config, tune_weights
 from mergekit_pcb.synthetic import tiny_tokenizer
 
 TASK_NAMES = tuple(task.name for task in TASKS)
@@ -133,3 +132,56 @@ def test_trained_models_are_reused_and_only_changed_ones_retrained(tmp_path) -> 
     experts["encode"] = expert("encode", steps=3)
     _, third = build_models(str(tmp_path), model, base, experts, splits)
     assert set(third) == {"encode"}
+
+
+def _state(path: str) -> dict[str, torch.Tensor]:
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def test_tuned_task_arithmetic_keeps_the_grid_lambda_and_best_yml_is_the_tuned_merge(
+    tiny_models, tmp_path
+) -> None:
+    spec = next(spec for spec in METHODS if spec.label == "task_arithmetic")
+    setting = {"density": 1.0, "lambda": 0.45}
+    experts = {name: path for name, path in tiny_models.items() if name != "base"}
+    config_file = tmp_path / "grid.yml"
+    config_file.write_text(
+        yaml.safe_dump(mergekit_config(spec, setting, tiny_models["base"], experts))
+    )
+    base = _state(tiny_models["base"])
+    expert_states = {name: _state(path) for name, path in experts.items()}
+    # Weights beyond the box [0.5, 3] around the start 1: reachable only through the
+    # common scale, as task_arithmetic's summing weights may need.
+    target = merge_in_memory(spec, setting, base, expert_states, [2.4, 1.6, 3.6])
+
+    def objective(model, tokenizer) -> float:
+        state = model.state_dict()
+        return -sum(float((state[name] - target[name]).square().sum()) for name in target)
+
+    budget = 9 + 2 * 7  # the scale search, then two generations of 7 for 3 models
+    tuned = tune_weights(
+        str(config_file), str(tmp_path / "tune"), objective, budget, identity={"test": 1}
+    )
+    assert tuned["evaluations"] == budget
+    assert tuned["start_weights"] == [1.0, 1.0, 1.0]
+    assert tuned["best_scale"] > 1
+    assert (
+        tuned["val_objective_start"]
+        < tuned["val_objective_best_scale"]
+        <= tuned["val_objective_best"]
+    )
+
+    best = read_config(tuned["best_yml"])
+    assert best["merge_method"] == "task_arithmetic"
+    assert best["parameters"] == {"lambda": 0.45}  # the grid's lambda, no normalize added
+    assert [m["model"] for m in best["models"]] == list(experts.values())
+    assert [m["parameters"]["weight"] for m in best["models"]] == tuned["weights"]
+
+    # best.yml merged the mergekit-yaml way is the merge the tuner scored as its best.
+    out = str(tmp_path / "tuned")
+    merge_with_mergekit(best, out, random=False)
+    merged = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    expected = merge_in_memory(spec, setting, base, expert_states, tuned["weights"])
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
+    assert objective(merged, None) == pytest.approx(tuned["val_objective_best"], rel=1e-4)

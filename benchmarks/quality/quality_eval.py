@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from quality_models import encode_batch
-from quality_tasks import Example
 from transformers import PreTrainedTokenizerFast
+
+from benchmarks.quality.quality_models import encode_batch
+from benchmarks.quality.quality_tasks import Example
 
 
 @dataclass(frozen=True)

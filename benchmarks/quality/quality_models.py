@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from quality_tasks import Example, Splits, TrainStream
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from benchmarks.quality.quality_tasks import Example, Splits, TrainStream
 from mergekit_pcb.synthetic import tiny_llama_config, tiny_tokenizer
 
 LOG = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 One command rebuilds everything from nothing (or reuses the cached models):
 
-    .venv/bin/python benchmarks/quality/run_study.py
+    .venv/bin/python -m benchmarks.quality.run_study
 
 1. Eight generated tasks (``quality_tasks``) with disjoint validation and test splits.
 2. A small Llama trained from scratch on the mixture of all tasks (the base), and one
@@ -13,9 +13,10 @@ One command rebuilds everything from nothing (or reuses the cached models):
    grid, merged in memory (once per density, then scaled for each lambda) and scored
    on the validation split; the setting with the
    best mean normalised validation accuracy is merged again through ``run_merge`` (the
-   ``mergekit-yaml`` path) and that model is scored on the test split. ``pcb`` is also
-   tuned with ``mergekit-pcb-tune``'s search (one coefficient per model, validation
-   objective), and its ablations are grid searched the same way.
+   ``mergekit-yaml`` path) and that model is scored on the test split. ``task_arithmetic``
+   and ``pcb`` are also tuned from their grid's choice with ``mergekit-pcb-tune``'s
+   default search and the same budget (one weight per model, validation objective;
+   ``quality_tune``), and ``pcb``'s ablations are grid searched like ``pcb``.
 4. ``RESULTS.md`` (the tables) and ``results.json`` (every number, the grids' scores
    included) are written; nothing else is read from anywhere.
 """
@@ -26,7 +27,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -39,10 +39,8 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from quality_eval import Score, normalized_mean, score_tasks
-from quality_merge import (
+from benchmarks.quality.quality_eval import Score, normalized_mean, score_tasks
+from benchmarks.quality.quality_merge import (
     ABLATIONS,
     METHODS,
     RANDOM_SEED,
@@ -52,20 +50,22 @@ from quality_merge import (
     mergekit_config,
     scale_merge,
 )
-from quality_models import ModelSettings, TrainSettings, build_models
-from quality_tasks import BASE_KEYS, KEYS, TASKS, Splits, make_splits
-
+from benchmarks.quality.quality_models import ModelSettings, TrainSettings, build_models
+from benchmarks.quality.quality_tasks import BASE_KEYS, KEYS, TASKS, Splits, make_splits
+from benchmarks.quality.quality_tune import (
+    TUNED_METHODS,
+    TUNER_SEED,
+    read_config,
+    tune_weights,
+    tuned_label,
+)
 from mergekit_pcb.synthetic import tiny_tokenizer
-from mergekit_pcb.tune.objectives import UserObjective
-from mergekit_pcb.tune.run import tune
-from mergekit_pcb.tune.search import SearchSettings
 
 LOG = logging.getLogger("quality")
 
 DATA_SEED = 0
 TRAIN_SEED = 1
 SUBSET_SEED = 2
-TUNER_SEED = 1
 TASK_NAMES = tuple(task.name for task in TASKS)
 MODEL = ModelSettings()
 EXPERT_STEPS = 400
@@ -213,14 +213,19 @@ class Study:
         folder: str,
         weights: Sequence[float] | None = None,
         in_memory: dict[str, torch.Tensor] | None = None,
+        config: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Merge through ``run_merge`` and score the written model on both splits.
 
-        ``in_memory`` is the same merge from ``merge_in_memory`` when the caller has it.
+        ``config``: the mergekit config to merge (default: ``setting`` and ``weights``
+        as one). ``in_memory`` is the same merge from ``merge_in_memory`` when the caller
+        has it; for a deterministic method the two are compared, which for a given
+        ``config`` checks that it is ``setting`` with ``weights``.
         """
-        config = mergekit_config(
-            spec, setting, self.paths["base"], {t: self.paths[t] for t in tasks}, weights
-        )
+        if config is None:
+            config = mergekit_config(
+                spec, setting, self.paths["base"], {t: self.paths[t] for t in tasks}, weights
+            )
         out = os.path.join(self.out_dir, "merges", folder)
         merge_with_mergekit(config, out, spec.random)
         model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -240,37 +245,37 @@ class Study:
             )
         return row
 
-    def tuned_pcb(
-        self, config_file: str, tasks: Sequence[str], folder: str, budget: int
+    def tuned_row(
+        self, spec: MethodSpec, grid_row: dict[str, Any], tasks: Sequence[str], budget: int
     ) -> dict[str, Any]:
-        """``mergekit-pcb-tune``'s search from the grid's pcb config, on validation."""
-        tune_dir = os.path.join(self.out_dir, "tune", folder)
-        shutil.rmtree(tune_dir, ignore_errors=True)
+        """The tuner's default search from ``grid_row``'s config; its best.yml on test."""
 
         def objective(model, tokenizer) -> float:
             scores = score_tasks(model, tokenizer, self.splits.val, tasks)
             return normalized_mean(scores, self.expert_scores["val"], "char_acc")
 
-        settings = SearchSettings(budget=budget, seed=TUNER_SEED)
-        began = time.perf_counter()
-        result = tune(
-            config_file,
-            tune_dir,
-            UserObjective(objective, True, "validation normalised per-character accuracy"),
-            settings,
-            identity_objective={"study": "quality", "tasks": list(tasks)},
-            quiet=True,
+        tuned = tune_weights(
+            grid_row["config"],
+            os.path.join(self.out_dir, "tune", _label_folder(tasks, spec.label)),
+            objective,
+            budget,
+            identity={"study": "quality", "method": spec.label, "tasks": list(tasks)},
         )
-        seconds = time.perf_counter() - began
-        return {
-            "weights": result.best.weights,
-            "val_objective_start": result.start.score,
-            "val_objective_best": result.best.score,
-            "evaluations": len(result.history),
-            "seconds": seconds,
-            "search": asdict(settings),
-            "best_yml": os.path.join(tune_dir, "best.yml"),
-        }
+        row = self.test_merge(
+            spec,
+            grid_row["setting"],
+            tasks,
+            _label_folder(tasks, f"{spec.label}_tuned"),
+            tuned["weights"],
+            config=read_config(tuned["best_yml"]),
+        )
+        row["tuner"] = tuned
+        # The tuner scored its candidates without mergekit; the same weights merged by
+        # run_merge should score the same on validation.
+        row["val_diff_run_merge_vs_tuner"] = (
+            row["val"]["normalized_char_acc"] - tuned["val_objective_best"]
+        )
+        return row
 
 
 def _label_folder(subset: Sequence[str], label: str) -> str:
@@ -308,20 +313,21 @@ def run_subset(study: Study, tasks: tuple[str, ...], tuner_budget: int) -> dict[
             row["val"]["normalized_char_acc"],
             row["test"]["normalized_char_acc"],
         )
-    pcb = next(spec for spec in METHODS if spec.label == "pcb")
-    tuned = study.tuned_pcb(rows["pcb"]["config"], tasks, _label_folder(tasks, "pcb"), tuner_budget)
-    row = study.test_merge(
-        pcb, rows["pcb"]["setting"], tasks, _label_folder(tasks, "pcb_tuned"), tuned["weights"]
-    )
-    row["tuner"] = tuned
-    rows["pcb + tuned weights"] = row
-    LOG.info(
-        "%d tasks pcb + tuned weights %s  val %.3f  test %.3f",
-        len(tasks),
-        [round(c, 2) for c in tuned["weights"]],
-        row["val"]["normalized_char_acc"],
-        row["test"]["normalized_char_acc"],
-    )
+    for spec in METHODS:
+        if spec.label not in TUNED_METHODS:
+            continue
+        row = study.tuned_row(spec, rows[spec.label], tasks, tuner_budget)
+        rows[tuned_label(spec.label)] = row
+        LOG.info(
+            "%d tasks %-26s %s  val %.3f  test %.3f  (%d evaluations, %.0f s)",
+            len(tasks),
+            tuned_label(spec.label),
+            [round(c, 2) for c in row["tuner"]["weights"]],
+            row["val"]["normalized_char_acc"],
+            row["test"]["normalized_char_acc"],
+            row["tuner"]["evaluations"],
+            row["tuner"]["seconds"],
+        )
     return {"tasks": list(tasks), "rows": rows}
 
 
@@ -403,7 +409,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| expert {expert} | " + " | ".join(cells) + f" | {_pct(mean)} |")
     lines += ["", "Bold: each expert on its own task, the denominator of *norm.*", ""]
 
-    merged = [spec.label for spec in METHODS] + ["pcb + tuned weights"]
+    tuned_methods = [spec.label for spec in METHODS if spec.label in TUNED_METHODS]
+    merged = [spec.label for spec in METHODS] + [tuned_label(m) for m in tuned_methods]
     merged += [spec.label for spec in ABLATIONS]
     lines += ["## Summary: normalised accuracy (test, %)", ""]
     header = [f"{len(sub['tasks'])}: {'+'.join(sub['tasks'])}" for sub in results["subsets"]]
@@ -419,6 +426,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             + f" | {_pct(statistics.mean(values))} |"
         )
     lines.append("")
+    lines += _tuned_tables(results, tuned_methods)
 
     for sub in results["subsets"]:
         tasks = sub["tasks"]
@@ -448,6 +456,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
     diffs = recorded("max_abs_diff_in_memory_vs_run_merge")
     scaled = recorded("max_abs_diff_scaled_vs_direct")
+    tuner_diffs = recorded("val_diff_run_merge_vs_tuner")
     lines += [
         "## Checks",
         "",
@@ -458,11 +467,75 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- The validation grids merged in memory (`merge_state_dicts`); the reported models "
         f"were merged again by `run_merge`. For the deterministic methods the two agree to "
         f"max |difference| {max(diffs):.2e} over {len(diffs)} merges.",
-        f"- Tuner: {results['settings']['tuner_budget']} evaluations per subset, bounds and "
-        "start as `mergekit-pcb-tune`'s defaults, objective the validation normalised accuracy.",
+        "- The tuned rows' models are the tuner's `best.yml` merged by `run_merge`; scored on "
+        "validation they differ from the tuner's best score by at most "
+        f"{max(abs(d) for d in tuner_diffs) * 100:.2g} points over {len(tuner_diffs)} searches "
+        "(the tuner writes its candidates into the model without mergekit).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _bound_text(hit: dict[str, Any]) -> str:
+    what = hit["what"] if hit["what"] == "common scale" else os.path.basename(hit["what"])
+    return f"{what} {hit['value']:.2f} at {hit['side']} {hit['bound']:.2f}"
+
+
+def _tuned_tables(results: dict[str, Any], methods: Sequence[str]) -> list[str]:
+    """The tuned rows against their grid rows, and what each search did."""
+    subsets = results["subsets"]
+    # Every search ran with the same settings (only the config differs): read them once.
+    settings = subsets[0]["rows"][tuned_label(methods[0])]["tuner"]["search"]
+    lines = [
+        "## Tuned weights against the grid's choice (test, normalised %)",
+        "",
+        "Each tuned row starts from its method's chosen setting (weight 1 for every model) "
+        "and runs `mergekit-pcb-tune`'s default search on the validation objective: the "
+        f"start weights times a common scale on a log grid {settings['scale_min']:g} to "
+        f"{settings['scale_max']:g}, then CMA-ES (seed {settings['seed']}) in the box "
+        f"[{settings['lower_factor']:g}, {settings['upper_factor']:g}] x the best scaled "
+        f"start; budget {settings['budget']} evaluations for every method and subset.",
+        "",
+        "| subset | " + " | ".join(f"{m} | {m} + tuned | gain" for m in methods) + " |",
+        "|---|" + "---:|---:|---:|" * len(methods),
+    ]
+    columns: list[list[float]] = [[] for _ in range(3 * len(methods))]
+    for sub in subsets:
+        cells = []
+        for m in methods:
+            grid = sub["rows"][m]["test"]["normalized_char_acc"]
+            tuned = sub["rows"][tuned_label(m)]["test"]["normalized_char_acc"]
+            cells += [grid, tuned, tuned - grid]
+        for column, value in zip(columns, cells, strict=True):
+            column.append(value)
+        lines.append(
+            f"| {len(sub['tasks'])}: {'+'.join(sub['tasks'])} | "
+            + " | ".join(_pct(v) for v in cells)
+            + " |"
+        )
+    lines += [
+        "| mean | " + " | ".join(_pct(statistics.mean(c)) for c in columns) + " |",
+        "",
+        "What each search did (validation normalised %: the start, the best common scale of "
+        "it, the best found; the box edges a best weight lies within 10% of, log scale):",
+        "",
+        "| subset | method | start | best scale | best | scale | weights | evaluations "
+        "| on the box's edge | seconds |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for sub in subsets:
+        for m in methods:
+            t = sub["rows"][tuned_label(m)]["tuner"]
+            lines.append(
+                f"| {len(sub['tasks'])}: {'+'.join(sub['tasks'])} | {m} "
+                f"| {_pct(t['val_objective_start'])} | {_pct(t['val_objective_best_scale'])} "
+                f"| {_pct(t['val_objective_best'])} | {t['best_scale']:.3g} "
+                f"| {' '.join(f'{w:.2f}' for w in t['weights'])} | {t['evaluations']} "
+                f"| {'; '.join(_bound_text(h) for h in t['on_bound']) or 'none'} "
+                f"| {t['seconds']:.0f} |"
+            )
+    lines.append("")
+    return lines
 
 
 @click.command()
@@ -547,7 +620,7 @@ def main(
     for tasks in subsets(subsets_per_size):
         results["subsets"].append(run_subset(study, tasks, tuner_budget))
     results["settings"] = {
-        "command": "python benchmarks/quality/run_study.py"
+        "command": "python -m benchmarks.quality.run_study"
         + (f" {' '.join(sys.argv[1:])}" if sys.argv[1:] else ""),
         "finished": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),

@@ -1,0 +1,1 @@
+"""The merge-quality study: ``python -m benchmarks.quality.run_study`` (see README.md here)."""
