@@ -51,7 +51,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -61,6 +60,7 @@ import torch
 from mergekit.merge_methods import merge_tensors
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
+from benchmarks import checkout
 from mergekit_pcb.core import release_work_buffers
 
 LOG = logging.getLogger("kernel_speed")
@@ -252,22 +252,6 @@ def cpu_memory_row(row: Row, cpu_peak: CpuPeak, *, density: float, ulps: float, 
         )
 
 
-def _revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "mergekit_pcb"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def _mib(value: float | None) -> str:
     return "n/m" if value is None else f"{value:.0f}"
 
@@ -421,7 +405,7 @@ def main(
 
     print(
         f"\ndevice: {name}; torch {torch.__version__}; mergekit "
-        f"{importlib.metadata.version('mergekit')}; checkout {_revision()}\n"
+        f"{importlib.metadata.version('mergekit')}; checkout {checkout()}\n"
         f"merge_tensors, bf16 inputs (fine-tunes = base + round(N(0, {ulps})) bf16 ulps), "
         f"density {density}; median of {repeats} after {warmup} warm-up; "
         f"peak extra memory: {memory}; load average "

@@ -52,6 +52,7 @@ import click
 import torch
 import yaml
 
+from benchmarks import checkout
 from benchmarks.synthetic import FINETUNES, SIZES, synthetic_models
 
 LOG = logging.getLogger("merge_speed")
@@ -143,23 +144,6 @@ def _run(config: str, out: str, cuda: bool) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
-def _revision() -> str:
-    """The checkout measured: short commit, ``+dirty`` when the package has edits."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "mergekit_pcb"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 @click.command()
 @click.option("--workdir", default="benchmarks/output/merge_speed", show_default=True)
 @click.option(
@@ -213,7 +197,7 @@ def main(
         configs[label] = os.path.join(workdir, label.replace(" ", "_").replace(":", "") + ".yml")
         _write_config(configs[label], paths, method, extra, density, dtype)
 
-    revision = _revision()
+    revision = checkout()
     load_before = os.getloadavg()
     LOG.info("checkout %s, load average %.2f %.2f %.2f", revision, *load_before)
     times: dict[str, list[float]] = {label: [] for label in labels}

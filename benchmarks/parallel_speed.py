@@ -74,15 +74,7 @@ def _serial(objective: objectives.Objective, timed: list[_Timed]):
     """The evaluator factory for tune()'s own serial evaluation, timed."""
 
     def factory(contributions: Any, model: Any, tokenizer: Any) -> _Timed:
-        def evaluate(weights: Sequence[float], timings: dict) -> float:
-            contributions.apply(model, weights)
-            began = time.perf_counter()
-            try:
-                return float(objective(model, tokenizer))
-            finally:
-                timings["objective"] = time.perf_counter() - began
-
-        timed.append(_Timed(SerialEvaluator(evaluate)))
+        timed.append(_Timed(SerialEvaluator(contributions.scorer(model, tokenizer, objective))))
         return timed[-1]
 
     return factory

@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -294,6 +295,23 @@ class Contributions:
                     scratch[target.device] = buffer
                 out = self.merge_into(name, weights, buffer[: terms.numel])
                 target.copy_(out.view(terms.shape))
+
+    def scorer(
+        self, model: torch.nn.Module, tokenizer: Any, objective: Callable[[Any, Any], float]
+    ) -> Callable[[Sequence[float], dict[str, float]], float]:
+        """The tuner's evaluation of a candidate: its merge written into ``model`` in
+        place, then ``objective(model, tokenizer)``, timed alone into
+        ``timings["objective"]`` (the search's ``Evaluate``)."""
+
+        def evaluate(weights: Sequence[float], timings: dict[str, float]) -> float:
+            self.apply(model, weights)
+            began = time.perf_counter()
+            try:
+                return float(objective(model, tokenizer))
+            finally:
+                timings["objective"] = time.perf_counter() - began
+
+        return evaluate
 
     def load_fixed(self, model: torch.nn.Module) -> None:
         """Copy the tensors that do not depend on the weights into ``model``."""

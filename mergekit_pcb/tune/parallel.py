@@ -169,7 +169,7 @@ class Worker:
         transformers_logging.disable_progress_bar()
         # Ray hides the GPUs an actor was not given, so "cuda" is this actor's own GPU.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(payload.base_path, payload.dtype, self.device)
+        model = load_model(payload.base_path, payload.dtype, self.device)
         disk = None
         if payload.disk_directory is not None:
             missing = sorted({p for p in payload.disk_location.values() if not os.path.exists(p)})
@@ -192,7 +192,7 @@ class Worker:
             target = placement.choose(t.nbytes, self.device)
             # "disk": they are in this process's memory already; keep them there.
             terms[name] = t if target in ("cpu", "disk") else t.to(target)
-        self.contributions = Contributions(
+        contributions = Contributions(
             payload.model_names,
             payload.method,
             terms,
@@ -201,9 +201,8 @@ class Worker:
             disk=disk,
             placement=placement,
         )
-        self.contributions.load_fixed(self.model)
-        self.tokenizer = payload.tokenizer
-        self.objective = payload.objective
+        contributions.load_fixed(model)
+        self.scorer = contributions.scorer(model, payload.tokenizer, payload.objective)
         return {
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
@@ -215,17 +214,9 @@ class Worker:
         torch.set_num_threads(threads)
         return torch.get_num_threads()
 
-    def _evaluate(self, weights: Sequence[float], timings: dict) -> float:
-        # As tune()'s serial evaluate: write the candidate, time the objective alone.
-        self.contributions.apply(self.model, weights)
-        began = time.perf_counter()
-        try:
-            return float(self.objective(self.model, self.tokenizer))
-        finally:
-            timings["objective"] = time.perf_counter() - began
-
     def evaluate(self, candidate: Candidate) -> Evaluation:
-        return evaluate_candidate(self._evaluate, candidate)
+        # As tune()'s serial evaluation.
+        return evaluate_candidate(self.scorer, candidate)
 
 
 class _Pool:

@@ -213,14 +213,6 @@ def tune(
     captured.load_fixed(model)
     start = _start_weights(captured, settings)
 
-    def evaluate(weights: Sequence[float], timings: dict) -> float:
-        captured.apply(model, weights)
-        began = time.perf_counter()
-        try:
-            return float(objective(model, tokenizer))
-        finally:
-            timings["objective"] = time.perf_counter() - began
-
     def on_improvement(evaluation: Evaluation) -> None:
         write_atomic(
             os.path.join(out_dir, "best.yml"),
@@ -229,7 +221,9 @@ def tune(
 
     try:
         result = run_search(
-            evaluator(captured, model, tokenizer) if evaluator else evaluate,
+            evaluator(captured, model, tokenizer)
+            if evaluator
+            else captured.scorer(model, tokenizer, objective),
             len(names),
             maximize=objective.maximize,
             out_dir=out_dir,
