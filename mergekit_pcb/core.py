@@ -556,20 +556,6 @@ def column_sum(
     return colsum
 
 
-def clamp_bounds(
-    magnitude: torch.Tensor,
-    clamp_ratio: float,
-    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor outlier-clamp bounds of ``|t|`` (its min and max when the clamp is off)."""
-    d = magnitude.numel()
-    if clamp_ratio <= 0:
-        low, high = magnitude.aminmax()
-        return low, high
-    lo_index, hi_index = clamp_indices(d, clamp_ratio)
-    return _kth_smallest(magnitude, lo_index, masks), _kth_smallest(magnitude, hi_index, masks)
-
-
 def _tensor_clamp_bounds(
     t: torch.Tensor,
     clamp_ratio: float,
@@ -748,15 +734,6 @@ def rescale(
     """
     ramp, span = _ramp(score, float(threshold), float(top))
     return ramp.div_(span) if span != 1.0 else ramp
-
-
-def drop_threshold(
-    score: torch.Tensor,
-    density: float,
-    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Per-tensor (1 - density) quantile of the score, by selection."""
-    return _kth_smallest(score, drop_index(score.numel(), density), masks)
 
 
 def _drop_ramp(
