@@ -29,7 +29,7 @@ from benchmarks.quality.quality_models import (
     llama_config,
 )
 from benchmarks.quality.quality_tasks import BASE_KEYS, KEYS, TASKS, TrainStream, make_splits
-from benchmarks.quality.quality_tune import read_config, tune_weights
+from benchmarks.quality.quality_tune import read_yaml_config, tune_weights
 from mergekit_pcb.synthetic import tiny_tokenizer
 
 TASK_NAMES = tuple(task.name for task in TASKS)
@@ -171,7 +171,7 @@ def test_tuned_task_arithmetic_keeps_the_grid_lambda_and_best_yml_is_the_tuned_m
         <= tuned["val_objective_best"]
     )
 
-    best = read_config(tuned["best_yml"])
+    best = read_yaml_config(tuned["best_yml"])
     assert best["merge_method"] == "task_arithmetic"
     assert best["parameters"] == {"lambda": 0.45}  # the grid's lambda, no normalize added
     assert [m["model"] for m in best["models"]] == list(experts.values())

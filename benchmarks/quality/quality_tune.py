@@ -95,7 +95,7 @@ def tune_weights(
     }
 
 
-def read_config(path: str) -> dict[str, Any]:
+def read_yaml_config(path: str) -> dict[str, Any]:
     """A mergekit YAML config (``best.yml``: its header comment is YAML's comment)."""
     with open(path, encoding="utf-8") as file:
         return yaml.safe_load(file)

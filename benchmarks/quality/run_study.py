@@ -55,7 +55,7 @@ from benchmarks.quality.quality_tasks import BASE_KEYS, KEYS, TASKS, Splits, mak
 from benchmarks.quality.quality_tune import (
     TUNED_METHODS,
     TUNER_SEED,
-    read_config,
+    read_yaml_config,
     tune_weights,
     tuned_label,
 )
@@ -267,7 +267,7 @@ class Study:
             tasks,
             _label_folder(tasks, f"{spec.label}_tuned"),
             tuned["weights"],
-            config=read_config(tuned["best_yml"]),
+            config=read_yaml_config(tuned["best_yml"]),
         )
         row["tuner"] = tuned
         # The tuner scored its candidates without mergekit; the same weights merged by
