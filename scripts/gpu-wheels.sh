@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Download, for the project's GPU machine (Python 3.12, no network), the wheels it lacks
-# into .whl/ (ignored by git); scripts/gpu-check.sh installs them there. See
+# into .whl/ (in .gitignore); scripts/gpu-check.sh installs them there. See
 # benchmarks/GPU.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 PY=${PYTHON:-python3}
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
