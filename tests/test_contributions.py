@@ -256,3 +256,17 @@ def test_methods_that_are_not_linear_are_refused(models, tmp_path):
         match=r"merge_method: ties is not one \(use one of: pcb, task_arithmetic, linear\)",
     ):
         capture_contributions(load_config(config)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_anchor_added_by_chunks_equals_one_float32_add(dtype):
+    # The CPU anchor add converts chunk by chunk; the sum must be the plain one.
+    from mergekit_pcb.tune.contributions import _CONVERT_CHUNK, _add_converted
+
+    gen = torch.Generator().manual_seed(0)
+    numel = 2 * _CONVERT_CHUNK + 12_345  # two whole chunks and a partial one
+    out = torch.randn(numel, generator=gen)
+    other = torch.randn(numel, generator=gen).to(dtype)
+    expected = out + other.float()
+    _add_converted(out, other)
+    assert torch.equal(out, expected)

@@ -262,7 +262,7 @@ class Contributions:
         if terms.lam != 1:
             out.mul_(terms.lam)
         if terms.anchor is not None:
-            out.add_(terms.anchor.reshape(-1))
+            _add_converted(out, terms.anchor.reshape(-1))
         return out
 
     def merged_tensor(self, name: str, weights: Sequence[float]) -> torch.Tensor:
@@ -323,6 +323,28 @@ class Contributions:
             for name, value in self.fixed.items():
                 if name in params:
                     params[name].copy_(value)
+
+
+#: Entries converted at a time by ``_add_converted`` (4 MiB of float32: cache-sized).
+_CONVERT_CHUNK = 1 << 20
+
+
+def _add_converted(out: torch.Tensor, other: torch.Tensor) -> None:
+    """``out += other`` for a flat float32 ``out`` and a flat ``other`` of any dtype.
+
+    On the CPU torch's add of a bf16 tensor into a float32 one runs element by element,
+    several times slower than a conversion and a float32 add (16.8M entries on 2
+    cores: 28 ms against 7), and the anchor add was about 40% of a candidate. So a
+    CPU ``other`` of another dtype is converted a chunk at a time into a small buffer;
+    the sum is the same, float32 holding every bf16/fp16 value exactly.
+    """
+    if other.dtype == out.dtype or out.device.type != "cpu":
+        out.add_(other)
+        return
+    buffer = torch.empty(min(_CONVERT_CHUNK, out.numel()), dtype=out.dtype)
+    for start in range(0, out.numel(), _CONVERT_CHUNK):
+        part = other[start : start + _CONVERT_CHUNK]
+        out[start : start + part.numel()].add_(buffer[: part.numel()].copy_(part))
 
 
 def _task_arithmetic_in(
