@@ -18,6 +18,15 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return write_tiny_models(str(tmp_path_factory.mktemp("models")))
 
 
+@pytest.fixture(scope="module")
+def tune_config(tiny_models, tmp_path_factory) -> str:
+    """The tuner tests' pcb config of the tiny models: code at density 0.3, lambda 1.1."""
+    path = str(tmp_path_factory.mktemp("tune") / "pcb.yml")
+    return write_config(
+        path, tiny_models, per_model={"code": {"density": 0.3}}, parameters={"lambda": 1.1}
+    )
+
+
 def write_config(path: str, models: dict[str, str], **overrides) -> str:
     """A pcb mergekit config over ``models`` (``base`` plus fine-tunes) at ``path``."""
     per_model = overrides.pop("per_model", {})

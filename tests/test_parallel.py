@@ -28,7 +28,6 @@ from mergekit_pcb.tune import objectives
 from mergekit_pcb.tune.cli import main as tune_main
 from mergekit_pcb.tune.run import tune
 from mergekit_pcb.tune.search import HISTORY_FILE, SearchSettings, read_history
-from tests.conftest import write_config
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(
@@ -41,14 +40,6 @@ REPO = Path(__file__).resolve().parent.parent
 #: best) and one CMA-ES generation, so batches of several sizes on 2 workers.
 SETTINGS = SearchSettings(budget=12, popsize=3, seed=3)
 TIMINGS = ("seconds", "objective_seconds")
-
-
-@pytest.fixture(scope="module")
-def config(tiny_models, tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("parallel") / "pcb.yml")
-    return write_config(
-        path, tiny_models, per_model={"code": {"density": 0.3}}, parameters={"lambda": 1.1}
-    )
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +66,10 @@ def workers(val_file):
         ray.shutdown()
 
 
-def _tune(config: str, out_dir: Path, objective, evaluator=None):
+def _tune(tune_config: str, out_dir: Path, objective, evaluator=None):
     identity = {"kind": "test", "name": objective.name}
     return tune(
-        config,
+        tune_config,
         str(out_dir),
         objective,
         SETTINGS,
@@ -107,19 +98,19 @@ def _assert_same_run(parallel: Path, serial: Path, resumed: int = 0) -> None:
 
 
 @pytest.fixture(scope="module")
-def serial_run(config, val_file, tmp_path_factory) -> Path:
+def serial_run(tune_config, val_file, tmp_path_factory) -> Path:
     """The reference: the normalised validation loss, searched serially in this process."""
     out = tmp_path_factory.mktemp("serial") / "run"
-    _tune(config, out, objectives.validation_loss([val_file], normalized=True))
+    _tune(tune_config, out, objectives.validation_loss([val_file], normalized=True))
     return out
 
 
 @needs_ray
-def test_two_workers_give_the_serial_run(config, val_file, serial_run, workers, tmp_path):
+def test_two_workers_give_the_serial_run(tune_config, val_file, serial_run, workers, tmp_path):
     replaced = workers.replaced
     # Normalised: the reference scores, computed by the driver, reach the workers.
     workers.objective = objective = objectives.validation_loss([val_file], normalized=True)
-    result = _tune(config, tmp_path / "run", objective, evaluator=workers)
+    result = _tune(tune_config, tmp_path / "run", objective, evaluator=workers)
     _assert_same_run(tmp_path / "run", serial_run)
     assert len(result.history) == len(_rows(serial_run)) and all(e.ok for e in result.history)
     # Two actors in two processes, one torch thread each on the 2-CPU cluster.
@@ -130,12 +121,14 @@ def test_two_workers_give_the_serial_run(config, val_file, serial_run, workers, 
 
 
 @needs_ray
-def test_workers_read_contributions_kept_on_disk(config, val_file, serial_run, workers, tmp_path):
+def test_workers_read_contributions_kept_on_disk(
+    tune_config, val_file, serial_run, workers, tmp_path
+):
     workers.objective = objective = objectives.validation_loss([val_file], normalized=True)
     identity = {"kind": "test", "name": objective.name}
     out = tmp_path / "run"
     tune(
-        config,
+        tune_config,
         str(out),
         objective,
         SETTINGS,
@@ -170,7 +163,7 @@ class _InterruptingRay:
 
 @needs_ray
 def test_a_ctrl_c_loses_no_finished_evaluation_and_the_run_resumes(
-    config, val_file, serial_run, workers, tmp_path
+    tune_config, val_file, serial_run, workers, tmp_path
 ):
     workers.objective = objective = objectives.validation_loss([val_file], normalized=True)
 
@@ -180,11 +173,11 @@ def test_a_ctrl_c_loses_no_finished_evaluation_and_the_run_resumes(
         return evaluator
 
     with pytest.raises(KeyboardInterrupt):
-        _tune(config, tmp_path / "run", objective, evaluator=interrupting)
+        _tune(tune_config, tmp_path / "run", objective, evaluator=interrupting)
     # Two collected before the interrupt, and the two that had finished when it came.
     assert len((tmp_path / "run" / HISTORY_FILE).read_text().splitlines()) == 4
 
-    resumed = _tune(config, tmp_path / "run", objective, evaluator=workers)
+    resumed = _tune(tune_config, tmp_path / "run", objective, evaluator=workers)
     assert resumed.search.resumed == 4
     _assert_same_run(tmp_path / "run", serial_run, resumed=4)
 
@@ -259,14 +252,14 @@ def _objective_file(tmp_path: Path, driver: int) -> tuple[str, Path]:
 
 @needs_ray
 def test_dead_workers_are_replaced_and_their_candidates_retried_once(
-    config, workers, tmp_path, caplog
+    tune_config, workers, tmp_path, caplog
 ):
     spec, state = _objective_file(tmp_path, driver=os.getpid())
     # From a file module: it reaches the workers by value, not by an import there.
     workers.objective = objective = objectives.load_user_objective(spec, maximize=False)
     replaced = workers.replaced
     with caplog.at_level(logging.WARNING):
-        parallel = _tune(config, tmp_path / "parallel", objective, evaluator=workers)
+        parallel = _tune(tune_config, tmp_path / "parallel", objective, evaluator=workers)
     deaths = (state / "deaths").read_text().split()
     doomed = (state / "doomed").read_text().split()
     assert len(doomed) == 1 and deaths.count(doomed[0]) == 2 and len(deaths) == 3
@@ -277,7 +270,7 @@ def test_dead_workers_are_replaced_and_their_candidates_retried_once(
 
     # The serial run, whose doomed candidate raises: the same search.
     serial = _tune(
-        config, tmp_path / "serial", objectives.load_user_objective(spec, maximize=False)
+        tune_config, tmp_path / "serial", objectives.load_user_objective(spec, maximize=False)
     )
     assert [e.index for e in serial.history if not e.ok] == [failed[0].index]
     assert "doomed candidate" in next(e.error for e in serial.history if not e.ok)
@@ -317,7 +310,7 @@ def _command_line(process) -> str:
 @needs_ray
 @pytest.mark.slow
 def test_ctrl_c_on_the_command_leaves_no_cluster_and_the_run_resumes(
-    config, workers, tmp_path, monkeypatch
+    tune_config, workers, tmp_path, monkeypatch
 ):
     """The command in its own session, interrupted as a terminal's Ctrl-C does (SIGINT
     to the whole process group), mid-search; then resumed, with 2 workers again."""
@@ -329,7 +322,7 @@ def test_ctrl_c_on_the_command_leaves_no_cluster_and_the_run_resumes(
     # Past the cues: no deaths in this test.
     (state / "doomed").write_text("no-candidate\n")
     (state / "calls").write_text("1\n" * 10)
-    args = [config, str(tmp_path / "run"), "--objective", "function", "--function", spec]
+    args = [tune_config, str(tmp_path / "run"), "--objective", "function", "--function", spec]
     args += ["--minimize", "--budget", "12", "--popsize", "3", "--seed", "3", "--workers", "2"]
     command = [sys.executable, "-m", "mergekit_pcb.tune.cli", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -370,12 +363,12 @@ def test_ctrl_c_on_the_command_leaves_no_cluster_and_the_run_resumes(
     _assert_same_run(tmp_path / "run", tmp_path / "serial", resumed=len(written))
 
 
-def test_without_ray_the_command_says_how_to_get_it(config, val_file, tmp_path):
+def test_without_ray_the_command_says_how_to_get_it(tune_config, val_file, tmp_path):
     """With Ray unimportable: the package imports, and --workers says what to install."""
     script = (
         "import sys; sys.modules['ray'] = None\nfrom mergekit_pcb.tune.cli import main\nmain()\n"
     )
-    args = [config, str(tmp_path / "run"), "--val", val_file, "--workers", "2"]
+    args = [tune_config, str(tmp_path / "run"), "--val", val_file, "--workers", "2"]
     done = subprocess.run(
         [sys.executable, "-c", script, *args],
         cwd=REPO,
@@ -390,7 +383,7 @@ def test_without_ray_the_command_says_how_to_get_it(config, val_file, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
-def test_ray_address_needs_workers(config, val_file, tmp_path):
-    args = [config, str(tmp_path / "run"), "--val", val_file, "--ray-address", "auto"]
+def test_ray_address_needs_workers(tune_config, val_file, tmp_path):
+    args = [tune_config, str(tmp_path / "run"), "--val", val_file, "--ray-address", "auto"]
     result = CliRunner().invoke(tune_main, args)
     assert result.exit_code == 1 and "--ray-address needs --workers N" in result.output

@@ -40,17 +40,9 @@ def _merge_to_disk(config_path: str, out: str, weights=None) -> dict[str, torch.
 
 
 @pytest.fixture(scope="module")
-def config(tiny_models, tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tune") / "pcb.yml")
-    return write_config(
-        path, tiny_models, per_model={"code": {"density": 0.3}}, parameters={"lambda": 1.1}
-    )
-
-
-@pytest.fixture(scope="module")
-def target_state(config, tmp_path_factory) -> dict[str, torch.Tensor]:
+def target_state(tune_config, tmp_path_factory) -> dict[str, torch.Tensor]:
     """A full mergekit pcb merge with known weights TARGET."""
-    return _merge_to_disk(config, str(tmp_path_factory.mktemp("target") / "m"), TARGET)
+    return _merge_to_disk(tune_config, str(tmp_path_factory.mktemp("target") / "m"), TARGET)
 
 
 def _distance_objective(target: dict[str, torch.Tensor]) -> objectives.UserObjective:
@@ -62,8 +54,8 @@ def _distance_objective(target: dict[str, torch.Tensor]) -> objectives.UserObjec
 
 
 @pytest.mark.parametrize("cache", ["memory", "disk"])
-def test_candidate_equals_full_pcb_merge(config, tiny_models, tmp_path, cache):
-    merge_config, _ = load_config(config)
+def test_candidate_equals_full_pcb_merge(tune_config, tiny_models, tmp_path, cache):
+    merge_config, _ = load_config(tune_config)
     contributions = capture_contributions(
         merge_config, cache_dir=str(tmp_path / "cache") if cache == "disk" else None
     )
@@ -72,7 +64,7 @@ def test_candidate_equals_full_pcb_merge(config, tiny_models, tmp_path, cache):
     state = model.state_dict()
     for weights in ([1.0, 1.0, 1.0], [0.6, 2.7, 1.3]):
         contributions.apply(model, weights)
-        full = _merge_to_disk(config, str(tmp_path / f"full-{weights[1]}"), weights)
+        full = _merge_to_disk(tune_config, str(tmp_path / f"full-{weights[1]}"), weights)
         assert full.keys() <= state.keys()
         for name, tensor in full.items():
             assert (state[name] - tensor).abs().max().item() <= 1e-6, name
@@ -82,21 +74,27 @@ def _settings(**kw) -> SearchSettings:
     return SearchSettings(**{"budget": 300, "popsize": 8, "sigma0": 0.5, "seed": 3, **kw})
 
 
-def _run(config, out_dir, objective, settings, **kw):
+def _run(tune_config, out_dir, objective, settings, **kw):
     identity = {"kind": "test", "name": objective.name}
     return tune(
-        config, str(out_dir), objective, settings, identity_objective=identity, quiet=True, **kw
+        tune_config,
+        str(out_dir),
+        objective,
+        settings,
+        identity_objective=identity,
+        quiet=True,
+        **kw,
     )
 
 
-def test_recovers_known_coefficients_deterministically(config, target_state, tmp_path):
+def test_recovers_known_coefficients_deterministically(tune_config, target_state, tmp_path):
     objective = _distance_objective(target_state)
-    first = _run(config, tmp_path / "a", objective, _settings())
+    first = _run(tune_config, tmp_path / "a", objective, _settings())
     assert first.start.weights == [1.0, 1.0, 1.0]
     assert first.best.score < 1e-3 * first.start.score
     for found, expected in zip(first.best.weights, TARGET, strict=True):
         assert abs(found - expected) <= 0.05
-    second = _run(config, tmp_path / "b", objective, _settings())
+    second = _run(tune_config, tmp_path / "b", objective, _settings())
     assert [e.weights for e in second.history] == [e.weights for e in first.history]
     assert [e.score for e in second.history] == [e.score for e in first.history]
 
@@ -105,8 +103,8 @@ def test_recovers_known_coefficients_deterministically(config, target_state, tmp
     weights = [m["parameters"]["weight"] for m in best["models"]]
     assert weights == first.best.weights
     merged = _merge_to_disk(str(tmp_path / "a" / "best.yml"), str(tmp_path / "best-merge"))
-    model = AutoModelForCausalLM.from_pretrained(config_base(config), dtype=torch.float32)
-    merge_config, _ = load_config(config)
+    model = AutoModelForCausalLM.from_pretrained(config_base(tune_config), dtype=torch.float32)
+    merge_config, _ = load_config(tune_config)
     contributions = capture_contributions(merge_config)
     contributions.load_fixed(model)
     contributions.apply(model, weights)
@@ -118,8 +116,8 @@ def test_recovers_known_coefficients_deterministically(config, target_state, tmp
     assert (tmp_path / "a" / "scores.png").stat().st_size > 1000
 
 
-def config_base(config: str) -> str:
-    return yaml.safe_load(open(config, encoding="utf-8"))["base_model"]
+def config_base(tune_config: str) -> str:
+    return yaml.safe_load(open(tune_config, encoding="utf-8"))["base_model"]
 
 
 class _Interrupt:
@@ -136,32 +134,32 @@ class _Interrupt:
         return self.objective(model, tokenizer)
 
 
-def test_resume_after_interruption_gives_the_same_history(config, target_state, tmp_path):
+def test_resume_after_interruption_gives_the_same_history(tune_config, target_state, tmp_path):
     settings = _settings(budget=40, popsize=6)
-    straight = _run(config, tmp_path / "straight", _distance_objective(target_state), settings)
+    straight = _run(tune_config, tmp_path / "straight", _distance_objective(target_state), settings)
 
     interrupted = _Interrupt(_distance_objective(target_state), stop_at=17)
     with pytest.raises(KeyboardInterrupt):
-        _run(config, tmp_path / "resumed", interrupted, settings)
+        _run(tune_config, tmp_path / "resumed", interrupted, settings)
     assert len((tmp_path / "resumed" / "history.jsonl").read_text().splitlines()) == 16
 
     again = _Interrupt(_distance_objective(target_state), stop_at=None)
-    resumed = _run(config, tmp_path / "resumed", again, settings)
+    resumed = _run(tune_config, tmp_path / "resumed", again, settings)
     assert again.calls == len(straight.history) - 16  # nothing evaluated twice
     assert [e.weights for e in resumed.history] == [e.weights for e in straight.history]
     assert [e.score for e in resumed.history] == [e.score for e in straight.history]
 
 
 def test_a_different_run_in_the_same_directory_is_refused(
-    config, tiny_models, target_state, tmp_path
+    tune_config, tiny_models, target_state, tmp_path
 ):
     objective = _distance_objective(target_state)
-    _run(config, tmp_path / "run", objective, _settings(budget=10, popsize=4))
+    _run(tune_config, tmp_path / "run", objective, _settings(budget=10, popsize=4))
     other = write_config(str(tmp_path / "other.yml"), tiny_models, parameters={"lambda": 0.5})
     with pytest.raises(RunMismatchError, match=r"holds a different tuning run .*config_sha256"):
         _run(other, tmp_path / "run", objective, _settings(budget=10, popsize=4))
     with pytest.raises(RunMismatchError, match="differs in: settings"):
-        _run(config, tmp_path / "run", objective, _settings(budget=10, popsize=4, seed=9))
+        _run(tune_config, tmp_path / "run", objective, _settings(budget=10, popsize=4, seed=9))
 
 
 def _search(evaluate, tmp_path, budget=25):
@@ -259,7 +257,7 @@ def test_task_files_are_validated(tmp_path):
         objectives.read_task_file(str(bad))
 
 
-def test_cli_with_builtin_loss_and_test_split(config, tmp_path):
+def test_cli_with_builtin_loss_and_test_split(tune_config, tmp_path):
     val, test = tmp_path / "val.jsonl", tmp_path / "test.jsonl"
     val.write_text(
         "".join(
@@ -269,7 +267,7 @@ def test_cli_with_builtin_loss_and_test_split(config, tmp_path):
     test.write_text("".join(json.dumps({"text": f"{i} apples"}) + "\n" for i in range(4)))
     out = tmp_path / "out"
     args = [
-        config,
+        tune_config,
         str(out),
         "--val",
         str(val),
@@ -293,7 +291,9 @@ def test_cli_with_builtin_loss_and_test_split(config, tmp_path):
     assert (out / "merged" / "model.safetensors").exists()
     assert len(json.loads((out / "reference_scores.json").read_text())) == 3
 
-    same = CliRunner().invoke(tune_main, [config, str(out), "--val", str(val), "--test", str(val)])
+    same = CliRunner().invoke(
+        tune_main, [tune_config, str(out), "--val", str(val), "--test", str(val)]
+    )
     assert same.exit_code != 0 and "is also a validation file" in same.output
 
 
