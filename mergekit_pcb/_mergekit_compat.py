@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from mergekit import merge_methods
 from mergekit.config import MergeConfiguration
-from mergekit.graph import Task
+from mergekit.graph import Executor, Task
 
 # ``ParameterSpec`` is not re-exported by ``mergekit.merge_methods`` (only used there by
 # the built-in methods). Without it a method cannot declare a parameter named
@@ -28,9 +28,11 @@ __all__ = [
     "ParameterSpec",
     "checkpoint_files",
     "load_tensor",
+    "plan_saved_tensors",
     "plan_tensor_tasks",
     "setup_loaders",
     "shared_tensor_names",
+    "stored_name",
     "tensor_loader",
     "unregister_method",
 ]
@@ -62,6 +64,45 @@ def plan_tensor_tasks(config: MergeConfiguration, options: MergeOptions) -> list
         planner._plan()
         return [(weight.name, task) for weight, task in planner._tensors]
     return [(r.weight_info.name, r.tensor_task) for r in returned]
+
+
+def plan_saved_tensors(config: MergeConfiguration, options: MergeOptions) -> list[Any]:
+    """mergekit-yaml's plan for ``config``: its ``SaveTensor`` tasks, in the order in
+    which mergekit's (single-device) executor runs them.
+
+    The evolver merges a population through these tasks' own merge tasks and, for the
+    methods that draw random masks, in this order from the same seed, so that it draws
+    what ``mergekit-yaml --random-seed`` draws. ``MergePlanner.plan_to_disk`` and the
+    ``Executor``'s schedule are public; the output config comes from the private
+    ``mergekit.merge._model_out_config``, as in :func:`plan_tensor_tasks`. Nothing is
+    written: the writer task is only planned, never run.
+    """
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import SaveTensor
+    from mergekit.merge import _model_out_config
+    from mergekit.plan import MergePlanner
+
+    config = config.model_copy(deep=True)  # the planner normalises it in place
+    arch_info = get_architecture_info(config, options)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    targets = planner.plan_to_disk(out_path="<not written>")
+    executor = Executor(targets, math_device=options.device, storage_device="cpu")
+    return [
+        task
+        for task in (handle.task() for handle in executor.schedule.tasks)
+        if isinstance(task, SaveTensor)
+    ]
+
+
+def stored_name(load: Any, loader: Any) -> str | None:
+    """The name under which a ``LoadTensor`` task finds its tensor in ``loader``'s
+    checkpoint (its own name, an alias or a tied name), or None.
+
+    ``LoadTensor._resolve_name`` is private: it is what mergekit reads; None means
+    mergekit would try converting the checkpoint's tensors instead.
+    """
+    return load._resolve_name(loader)
 
 
 def tensor_loader(model: Hashable) -> Any:

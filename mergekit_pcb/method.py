@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -127,6 +127,12 @@ PCB_SPEC = MergeMethodSpec(
 #: Names a user may write under ``parameters:`` for ``pcb``.
 PARAMETER_NAMES = frozenset(p.name for p in PCB_SPEC.parameters)
 
+#: ``(group, densities, options) -> per fine-tune of the group, its whole-model
+#: statistics`` (``scope: model``). mergekit's merges read them from the checkpoints
+#: (:func:`~mergekit_pcb.model_scope.group_model_stats`); a merge of models held in
+#: memory (the evolver's population) supplies its own.
+ModelStatsSource = Callable[[TensorGroup, Sequence[float], PCBOptions], list[ModelStats | None]]
+
 
 def _locate_non_finite(group: TensorGroup) -> ValueError:
     """The error naming the model and tensor holding NaN or Inf (core found one)."""
@@ -151,8 +157,13 @@ class PCBInputs:
     stats: list[ModelStats | None] | None  # whole-model statistics (scope: model)
 
 
-def prepare_group(group: TensorGroup, parameters: dict[str, Any]) -> PCBInputs:
-    """Read the bound parameters of ``group`` (and its whole-model statistics if asked).
+def prepare_group(
+    group: TensorGroup,
+    parameters: dict[str, Any],
+    model_stats: ModelStatsSource = group_model_stats,
+) -> PCBInputs:
+    """Read the bound parameters of ``group`` (and its whole-model statistics if asked,
+    from ``model_stats``).
 
     Shared by :class:`PCBMerge` and anything else that needs what ``pcb`` would compute
     for a group (the tuner's capture), so that both resolve a config identically.
@@ -166,7 +177,7 @@ def prepare_group(group: TensorGroup, parameters: dict[str, Any]) -> PCBInputs:
     )
     stats = None
     if parameters["scope"] == "model" and entries:
-        stats = group_model_stats(group, densities, options)
+        stats = model_stats(group, densities, options)
     return PCBInputs(
         base=group.base.tensor,
         finetuned=[entry.tensor for entry in entries],
@@ -188,9 +199,20 @@ def naming_non_finite_inputs(group: TensorGroup) -> Iterator[None]:
 
 
 class PCBMerge(GroupMergeMethod):
-    """PCB-Merging of one tensor group; requires a base model."""
+    """PCB-Merging of one tensor group; requires a base model.
+
+    The registered ``pcb`` reads ``scope: model`` statistics from the checkpoints; a
+    copy under another ``spec`` name with another ``model_stats`` serves merges of
+    models held in memory (the evolver registers one for the length of a run).
+    """
 
     spec = PCB_SPEC
+
+    def __init__(
+        self, spec: MergeMethodSpec = PCB_SPEC, model_stats: ModelStatsSource = group_model_stats
+    ):
+        self.spec = spec
+        self.model_stats = model_stats
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         with naming_non_finite_inputs(group):
@@ -198,7 +220,7 @@ class PCBMerge(GroupMergeMethod):
                 if not bool(torch.isfinite(group.base.tensor).all()):
                     raise NonFiniteInputError("the base has NaN or Inf values")
                 return group.base.tensor
-            inputs = prepare_group(group, parameters)
+            inputs = prepare_group(group, parameters, self.model_stats)
             return pcb_merge(
                 inputs.base,
                 inputs.finetuned,

@@ -85,3 +85,39 @@ def test_unregister_method_removes_a_registered_method():
     compat.unregister_method("_mergekit_pcb_compat_probe")
     with pytest.raises(RuntimeError, match="Unimplemented merge method"):
         merge_methods.get("_mergekit_pcb_compat_probe")
+
+
+def test_plan_saved_tensors_in_the_order_run_merge_merges(config, tmp_path, monkeypatch):
+    from mergekit.merge import run_merge
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    options = MergeOptions(quiet=True)
+    saved = compat.plan_saved_tensors(config, options)
+    assert not os.path.exists("<not written>")
+    merged: list[str] = []
+    execute = ExecuteMergeMethodTask.execute
+
+    def recording(self, **kwargs):
+        merged.append(self.output_weight.name)
+        return execute(self, **kwargs)
+
+    monkeypatch.setattr(ExecuteMergeMethodTask, "execute", recording)
+    run_merge(config, str(tmp_path / "merged"), options)
+    assert [s.tensor_name for s in saved] == merged
+    assert all(isinstance(s.tensor_task, ExecuteMergeMethodTask) for s in saved)
+
+
+def test_stored_name_resolves_as_the_loader_does(config, tiny_models):
+    from mergekit.io.tasks import LoadTensor
+
+    options = MergeOptions(quiet=True)
+    compat.setup_loaders(options)
+    task = compat.plan_saved_tensors(config, options)[0].tensor_task
+    for load in task.gather_tensors.arguments().values():
+        loader = compat.tensor_loader(load.model)
+        assert compat.stored_name(load, loader) == load.tensor
+    ref = ModelReference.parse(tiny_models["math"])
+    loader = compat.tensor_loader(ref)
+    aliased = LoadTensor(model=ref, tensor="no.such.weight", aliases=("model.norm.weight",))
+    assert compat.stored_name(aliased, loader) == "model.norm.weight"
+    assert compat.stored_name(LoadTensor(model=ref, tensor="no.such.weight"), loader) is None
