@@ -197,3 +197,20 @@ def test_individuals_that_cannot_be_crossed_are_refused(tiny_models, tmp_path):
         Population.load(_config(paths))
     with pytest.raises(ConfigError, match="does not fit in memory and no cache folder"):
         Population.load(_config(tiny_models), placement=Placement(mode="disk"))
+
+
+@pytest.mark.parametrize("mode", ["cpu", "disk"])
+def test_an_individual_with_nan_or_inf_is_refused(tiny_models, tmp_path, mode):
+    from mergekit_pcb.errors import MergeInputError
+    from tests.conftest import broken_copy
+
+    tensor = "model.layers.1.mlp.up_proj.weight"
+    bad = broken_copy(tiny_models["code"], str(tmp_path / "bad"), tensor, float("inf"))
+    with pytest.raises(
+        MergeInputError, match=rf"model {bad} has NaN or Inf values in tensor {tensor}"
+    ):
+        Population.load(
+            _config({**tiny_models, "code": bad}),
+            placement=Placement(mode=mode),
+            cache_dir=str(tmp_path / "cache"),
+        )

@@ -238,3 +238,15 @@ def test_refusals(tiny_models):
             _config("ties", tiny_models, "float32"),
             MergeOptions(quiet=True, unsafe_truncate_embeddings=True),
         )
+
+
+def test_mergekit_draws_the_same_masks_from_the_same_seed(tiny_models, tmp_path):
+    """What the random methods' tests rest on: mergekit's own merge is reproducible from
+    --random-seed (and only from it)."""
+    config = _config("dare_ties", tiny_models, "float32")
+    runs = [
+        _mergekit(config, str(tmp_path / f"run{k}"), MergeOptions(quiet=True, random_seed=seed))
+        for k, seed in enumerate((SEED, SEED, SEED + 1))
+    ]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])

@@ -20,7 +20,8 @@ and a run on another device draw exactly the same choices:
 * a tensor's crossover mask: drawn on the CPU by a ``torch.Generator`` seeded from
   ``(seed, generation, individual, tensor name)`` (:func:`mask_seed`), in fixed chunks,
   then moved to the tensor's device. The mask is therefore the same whatever device
-  the individuals live on; ``u`` is the same bit for bit on one device.
+  the individuals live on; ``u`` is the same bit for bit on one device. (On a GPU the
+  draws stay the CPU's work, one float per entry; the mixing is the GPU's.)
 
 Keys are hashed by numpy's ``SeedSequence`` (a documented, version-stable hash), one
 domain per kind of draw, so that no two draws share a stream.
@@ -29,7 +30,6 @@ domain per kind of draw, so that no two draws share a stream.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,22 +93,21 @@ def check_rates(f: float, cr: float) -> None:
             raise ValueError(f"{label} must be in [0, 1], got {value!r}")
 
 
-def _mask_chunks(numel: int, cr: float, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, mask of entries start ..)`` chunk by chunk: ``U < cr``, U drawn on the CPU."""
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.empty(min(MASK_CHUNK, numel), dtype=torch.float32)
-    for start in range(0, numel, MASK_CHUNK):
-        part = draws[: min(MASK_CHUNK, numel - start)]
-        torch.rand(part.shape, generator=generator, out=part)
-        yield start, part < cr
+def _draw_mask(draws: torch.Tensor, generator: torch.Generator, cr: float) -> torch.Tensor:
+    """Fill ``draws`` with ``U`` uniform on [0, 1), then with the mask ``U < cr`` as 0/1."""
+    torch.rand(draws.shape, generator=generator, out=draws)
+    return torch.lt(draws, cr, out=draws)
 
 
 def crossover_mask(numel: int, cr: float, seed: int) -> torch.Tensor:
     """The whole crossover mask of a tensor of ``numel`` entries (CPU, bool), as
     :func:`mix` draws it chunk by chunk; ``seed`` comes from :func:`mask_seed`."""
+    generator = torch.Generator().manual_seed(seed)
     mask = torch.empty(numel, dtype=torch.bool)
-    for start, part in _mask_chunks(numel, cr, seed):
-        mask[start : start + part.numel()] = part
+    draws = torch.empty(min(MASK_CHUNK, numel), dtype=torch.float32)
+    for start in range(0, numel, MASK_CHUNK):
+        part = _draw_mask(draws[: min(MASK_CHUNK, numel - start)], generator, cr)
+        mask[start : start + part.numel()] = part.bool()
     return mask
 
 
@@ -120,12 +119,14 @@ def mix(
     seed: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``u = parent + m * f * (partner - parent)`` for one tensor (see the module).
+    """``u = parent + f * m * (partner - parent)`` for one tensor (see the module);
+    ``seed`` (from :func:`mask_seed`) fixes the mask ``m``.
 
     ``out`` (same shape and dtype as ``parent``) receives ``u`` when given, and may be
     ``parent`` itself: each chunk of ``u`` is computed from the same chunk of the
     inputs before it is written. A tensor that is not floating point (a buffer) is
-    copied from the parent unchanged.
+    copied from the parent unchanged. Outside the mask an entry is ``x_i + 0``: its
+    value (a -0.0 may come out as 0.0).
     """
     if parent.shape != partner.shape:
         raise ValueError(
@@ -138,17 +139,25 @@ def mix(
         raise ValueError("out must have the parent's shape and dtype")
     if not parent.is_floating_point():
         return out if out is parent else out.copy_(parent)
-    flat_parent, flat_partner = parent.reshape(-1), partner.reshape(-1)
-    flat_out = out.view(-1)
-    for start, mask in _mask_chunks(flat_parent.numel(), cr, seed):
-        stop = start + mask.numel()
-        mask = mask.to(parent.device, non_blocking=True)
-        x_i = flat_parent[start:stop].to(torch.float32)
-        # copy=True: a float32 partner would otherwise be changed in place below.
-        step = flat_partner[start:stop].to(device=parent.device, dtype=torch.float32, copy=True)
-        step.sub_(x_i).mul_(f).add_(x_i)  # the mutant, x_i + f (x_r - x_i)
-        # where(): entries outside the mask keep x_i exactly (-0.0 and all).
-        flat_out[start:stop].copy_(torch.where(mask, step, x_i))
+    flat_parent, flat_partner, flat_out = parent.reshape(-1), partner.reshape(-1), out.view(-1)
+    numel = flat_parent.numel()
+    generator = torch.Generator().manual_seed(seed)
+    size = min(MASK_CHUNK, numel)
+    # Three float32 work buffers of one chunk, reused: the draws (then the mask), x_i
+    # (then u) and x_r - x_i. Seven passes per chunk; addcmul does the last three
+    # steps in one.
+    draws = torch.empty(size, dtype=torch.float32)
+    mixed = torch.empty(size, dtype=torch.float32, device=parent.device)
+    step = torch.empty(size, dtype=torch.float32, device=parent.device)
+    for start in range(0, numel, MASK_CHUNK):
+        stop = min(start + MASK_CHUNK, numel)
+        k = stop - start
+        mask = _draw_mask(draws[:k], generator, cr).to(parent.device)
+        x_i, delta = mixed[:k], step[:k]
+        x_i.copy_(flat_parent[start:stop])
+        delta.copy_(flat_partner[start:stop]).sub_(x_i)
+        x_i.addcmul_(delta, mask, value=f)
+        flat_out[start:stop].copy_(x_i)
     return out
 
 

@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mergekit_pcb import _mergekit_compat as compat
-from mergekit_pcb.errors import ConfigError
+from mergekit_pcb.errors import ConfigError, MergeInputError
 from mergekit_pcb.evolve.offspring import OffspringKey
 from mergekit_pcb.tune.contributions import Placement
 
@@ -280,14 +280,24 @@ class Population:
             nbytes = sum(i.nbytes for i in infos[ref].values())
             target = placement.choose(nbytes, device)
             loader = checkpoints[ref]
+            # An individual's NaN or Inf would spread through its offspring under the
+            # names of other models: refuse it here, naming it.
+            check = label == "individual"
             if target == "disk":
                 if cache_dir is None:
                     raise ConfigError(
                         f"{label} {ref} does not fit in memory and no cache folder was given"
                     )
                 store: ModelTensors = CheckpointTensors(loader)
+                if check:
+                    for name in store.names:
+                        _check_finite(ref, name, store.get(name, device))
             else:
-                store = MemoryTensors(_read_all(loader, infos[ref], target, label), target)
+                tensors = _read_all(loader, infos[ref], target, label)
+                if check:
+                    for name, tensor in tensors.items():
+                        _check_finite(ref, name, tensor)
+                store = MemoryTensors(tensors, torch.device(target))
             LOG.info("%s %s: %s, %s", label, ref, _gib(store.nbytes), store.where)
             return store
 
@@ -335,7 +345,11 @@ class Population:
         return [replaced.get(i, store) for i, store in enumerate(self.individuals)]
 
     def offspring(self, key: OffspringKey) -> ModelTensors:
-        """Offspring ``key`` of the current population (stored in the spare if there is one)."""
+        """Offspring ``key`` of the current population (stored in the spare if there is one).
+
+        A stored offspring lives in the spare: it is valid until the next call, and
+        member lists taken before an :meth:`accept` must not be used after it.
+        """
         parent = self.individuals[key.individual]
         partner = self.individuals[key.partner]
         if self.spare_device is None:
@@ -355,7 +369,10 @@ class Population:
         """Make ``offspring`` (made by :meth:`offspring` for ``key``) the individual."""
         i = key.individual
         old = self.individuals[i]
-        if isinstance(offspring, MemoryTensors) and offspring.tensors.keys() <= self._spare.keys():
+        stored = isinstance(offspring, MemoryTensors) and all(
+            self._spare.get(name) is tensor for name, tensor in offspring.tensors.items()
+        )
+        if stored:
             if isinstance(old, MemoryTensors):
                 # Parent and spare change places: the old parent's memory is the next spare.
                 self._spare = old.tensors
@@ -416,6 +433,13 @@ def _check_alike(refs: Sequence[ModelReference], individuals: Sequence[ModelTens
                     f"{tuple(store.info[name].shape)} in model {ref}: individuals must match "
                     "to be crossed"
                 )
+
+
+def _check_finite(ref: ModelReference, name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MergeInputError(
+            f"model {ref} has NaN or Inf values in tensor {name}: it cannot be evolved"
+        )
 
 
 def _read_all(
