@@ -214,3 +214,40 @@ def test_an_individual_with_nan_or_inf_is_refused(tiny_models, tmp_path, mode):
             placement=Placement(mode=mode),
             cache_dir=str(tmp_path / "cache"),
         )
+
+
+def test_a_run_is_rebuilt_from_its_history(tiny_models):
+    """What a resumed run does: the same told scores ask for the same candidates, and the
+    accepted offspring, made again from their keys in order, give the same population."""
+    from mergekit_pcb.evolve.evolver import Evolution, drive
+
+    config = _config(tiny_models)
+    population = Population.load(config)
+    target = _checkpoint(tiny_models, "base")["model.norm.weight"] + 0.01
+    made = {}
+
+    def score(candidate) -> float:
+        replaced = {}
+        if candidate.key is not None:
+            made[candidate.index] = population.offspring(candidate.key)
+            replaced = {candidate.individual: made[candidate.index]}
+        members = population.members(replaced)
+        mean = sum(m.get("model.norm.weight", "cpu") for m in members) / len(members)
+        return float((mean - target).pow(2).sum())
+
+    def accept(candidate) -> None:
+        population.accept(candidate.key, made[candidate.index])
+
+    history = drive(Evolution(3, generations=3, seed=4, maximize=False), score, accept)
+    assert any(j.accepted for j in history)
+
+    rebuilt = Population.load(config)
+    replay = Evolution(3, generations=3, seed=4, maximize=False)
+    for judgement in history:
+        candidate = replay.ask()
+        assert candidate == judgement.candidate
+        if replay.tell(candidate, judgement.score).accepted:
+            rebuilt.accept(candidate.key, rebuilt.offspring(candidate.key))
+    assert replay.ask() is None
+    for old, new in zip(population.individuals, rebuilt.individuals, strict=True):
+        assert _equal(_tensors(old), _tensors(new))

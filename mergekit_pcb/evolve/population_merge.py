@@ -12,8 +12,9 @@ dtype the tensor is saved in. Per candidate it hands each merge task the populat
 tensors in place of the checkpoints' and runs it (``ExecuteMergeMethodTask.execute``:
 the very call mergekit's executor makes), in the order mergekit's executor runs them,
 and copies the result into one live transformers model in place. Nothing is written to
-disk. So the live model holds, up to nothing, what ``mergekit-yaml`` would write for the
-population saved as model folders and loaded in the live model's dtype.
+disk. So the live model holds, bit for bit, what ``mergekit-yaml`` writes for the
+population saved as model folders, as transformers loads it in the live model's dtype
+(tested for every method named above, in float32 and bfloat16).
 
 What needs care:
 
@@ -38,7 +39,7 @@ What needs care:
   ``--unsafe-truncate-embeddings``, tensors mergekit would obtain by converting a
   checkpoint, ``slices:``/``modules:`` (an individual is a whole model; see
   :func:`~mergekit_pcb.evolve.population.individual_refs`), ``--multi-gpu`` with a
-  random method (its order of execution is not fixed).
+  random method (its GPUs merge tensors concurrently, in no fixed order).
 """
 
 from __future__ import annotations
