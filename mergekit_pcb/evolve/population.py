@@ -270,6 +270,9 @@ class Population:
         """
         options = options or MergeOptions(quiet=True)
         device = torch.device(device or options.device)
+        if device.type == "cuda" and device.index is None:
+            # Placement budgets are kept per numbered device ("cuda:0").
+            device = torch.device("cuda", torch.cuda.current_device())
         placement = placement or Placement(mode="device")
         base_ref, refs = individual_refs(config)
         compat.setup_loaders(options)
