@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mergekit_pcb.tune.search import best_of
+from mergekit_pcb.tune.records import best_of
 
 LOG = logging.getLogger(__name__)
 
