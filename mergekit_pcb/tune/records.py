@@ -75,7 +75,6 @@ class Outcome:
         return cls(None, seconds, objective_seconds, error)
 
 
-@runtime_checkable
 class Scorable(Protocol[Subject, Record_co]):
     """A candidate as the evaluators see it.
 
