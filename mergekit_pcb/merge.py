@@ -33,6 +33,7 @@ from mergekit_pcb.config_check import (
     read_raw_config,
 )
 from mergekit_pcb.errors import ConfigError, describe_validation_error
+from mergekit_pcb.model_card import add_plugin_note
 
 LOG = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def merge_into(
     Files of ``out_path`` that the merge does not write are kept, except the weight
     shards and shard index of an earlier merge (mergekit's names only): left beside
     the new ones, a loader could read a mix of both merges. What is removed is logged.
+    The model card of a ``pcb`` merge says that reproducing it needs this plugin
+    (:mod:`mergekit_pcb.model_card`).
     """
     out_path = os.path.abspath(out_path)
     if os.path.exists(out_path) and not os.path.isdir(out_path):
@@ -117,6 +120,7 @@ def merge_into(
     staged = os.path.join(staging_root, os.path.basename(out_path))
     try:
         run_merge(merge_config, staged, options=options, config_source=config_source)
+        add_plugin_note(staged, merge_config.merge_method)
         if not os.path.isdir(out_path):
             os.replace(staged, out_path)
         else:
