@@ -56,4 +56,8 @@ if "mergekit.merge_methods" in sys.modules:
 
     _register()
 else:
-    from mergekit_pcb._hook import _mergekit_pcb_startup  # noqa: F401  (installs the hook)
+    try:
+        from mergekit_pcb._hook import _mergekit_pcb_startup as _startup
+    except ImportError:  # a built wheel carries the hook at the top of site-packages only
+        import _mergekit_pcb_startup as _startup
+    _startup.install()  # one hook at most: a no-op when the start-up file installed it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -99,21 +100,39 @@ def test_config_errors_that_need_no_mergekit_answer_without_torch(tmp_path):
 _SITE = sysconfig.get_paths()["purelib"]
 
 
-def _python(code: str, *, start_up_file: bool) -> str:
-    """Run ``code``; without ``start_up_file`` the installed .pth hook is not read
-    (``-S``: no ``site``), as when the checkout is merely on ``PYTHONPATH``."""
-    if start_up_file:
+def _wheel_layout(folder) -> str:
+    """The package as a built wheel lays it out: the start-up module at the top of
+    site-packages, no ``mergekit_pcb/_hook`` (hatch moves it); return the folder."""
+    shutil.copytree(
+        os.path.join(REPO, "mergekit_pcb"),
+        os.path.join(folder, "mergekit_pcb"),
+        ignore=shutil.ignore_patterns("_hook", "__pycache__"),
+    )
+    shutil.copy(os.path.join(REPO, "mergekit_pcb", "_hook", "_mergekit_pcb_startup.py"), folder)
+    return str(folder)
+
+
+def _python(code: str, layout: str, folder) -> str:
+    """Run ``code`` with the package laid out as ``layout``: ``installed`` (this
+    environment, whose start-up file installs the hook), ``checkout`` (the repository
+    on ``PYTHONPATH``, no start-up file: ``-S``, no ``site``) or ``wheel`` (a wheel's
+    files on ``PYTHONPATH``, no start-up file)."""
+    if layout == "installed":
         command, env = [sys.executable, "-c", code], None
     else:
+        first = REPO if layout == "checkout" else _wheel_layout(folder)
         command = [sys.executable, "-S", "-c", code]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, _SITE])}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([first, _SITE])}
+    # Not run from the repository root, where the checkout would come first on sys.path.
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, cwd=folder
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
-@pytest.mark.parametrize("start_up_file", [True, False])
-def test_import_is_cheap_and_pcb_is_registered_once_mergekit_merges(start_up_file):
+@pytest.mark.parametrize("layout", ["installed", "checkout", "wheel"])
+def test_import_is_cheap_and_pcb_is_registered_once_mergekit_merges(layout, tmp_path):
     code = (
         "import sys\n"
         "import mergekit_pcb\n"
@@ -122,19 +141,22 @@ def test_import_is_cheap_and_pcb_is_registered_once_mergekit_merges(start_up_fil
         "from mergekit import merge_methods\n"
         "print(type(merge_methods.get('pcb')).__name__)\n"
         "print(sum(bool(getattr(f, 'registers_mergekit_pcb', False)) for f in sys.meta_path))\n"
+        "print(mergekit_pcb.__file__)\n"
     )
-    lines = _python(code, start_up_file=start_up_file).split("\n")
+    lines = _python(code, layout, tmp_path).split("\n")
     assert lines[:4] == ["[]", "1", "PCBMerge", "0"]
+    expected_home = tmp_path if layout == "wheel" else REPO
+    assert lines[4].startswith(str(expected_home))
 
 
-def test_import_after_mergekit_registers_at_once():
+def test_import_after_mergekit_registers_at_once(tmp_path):
     code = (
         "import sys\n"
         "from mergekit import merge_methods\n"
         "import mergekit_pcb\n"
         "print(type(merge_methods.get('pcb')).__name__)\n"
     )
-    assert _python(code, start_up_file=False).split() == ["PCBMerge"]
+    assert _python(code, "checkout", tmp_path).split() == ["PCBMerge"]
 
 
 def test_public_names_load_on_first_use():
