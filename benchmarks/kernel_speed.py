@@ -30,12 +30,12 @@ Peak extra memory, per call, beyond the inputs already resident (the result coun
   unavailable (not Linux/glibc) CPU memory is reported as not measured
   (``--no-cpu-memory`` skips it).
 
-Targets (issue "pcb at GPU speed"), reported as PASS/FAIL lines, never raised:
+Targets, reported as PASS/FAIL lines, never raised:
 
 * CUDA: pcb time <= 1.5 x ties and pcb peak extra memory <= ties, on every row;
 * CPU: pcb time <= 3 x task_arithmetic and <= 0.3 x ties, pcb peak extra memory
-  <= ties (the issue states the CPU targets for 4096 x 4096, n = 3; they are checked
-  on every row measured).
+  <= ties (the CPU targets are set for 4096 x 4096, n = 3; they are checked on every
+  row measured).
 
 Run from the repository root after the dev install::
 

@@ -40,10 +40,9 @@ from mergekit_pcb.core import (
 )
 from mergekit_pcb.errors import MergeInputError, non_finite_input
 from mergekit_pcb.model_scope import group_model_stats
+from mergekit_pcb.names import METHOD_NAME
 
 LOG = logging.getLogger(__name__)
-
-METHOD_NAME = "pcb"
 
 #: Fraction of entries kept per model and tensor. 0.2 is the largest value of the
 #: released grids (T5: 0.05/0.1/0.2; (IA)3 on T0-3B: 0.2): the top-r threshold is

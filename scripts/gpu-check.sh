@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The device checks of issues 11 and 12, as ONE command for the GPU machine (see
-# benchmarks/GPU.md): install the carried wheels, run the CUDA tests, the kernel table,
-# the end-to-end --cuda merges and the tuner's CUDA benchmark; everything goes to $OUT.
-# Usage there:  bash scripts/gpu-check.sh   (carry: .whl)
+# The GPU checks as ONE command for a GPU machine without network access (see
+# docs/gpu.md): install the wheels of .whl/ (scripts/gpu-wheels.sh), run the CUDA tests,
+# the kernel table, the end-to-end --cuda merges and the tuner's CUDA benchmark;
+# everything goes to $OUT (default /tmp/gpu-check).
+# Usage there, from the repository root:  OUT=/some/folder bash scripts/gpu-check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"

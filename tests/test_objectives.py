@@ -107,7 +107,7 @@ def test_lm_eval_objective_without_the_extra_says_how_to_install(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(ImportError, match=r"pip install 'mergekit-pcb\[lm-eval\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'lm_eval>=0\.4'"):
         objectives.LmEvalObjective(["my_val"])
 
 

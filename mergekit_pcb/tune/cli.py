@@ -115,7 +115,7 @@ DEFAULTS = SearchSettings()
     type=click.IntRange(min=1),
     default=None,
     help="evaluate each generation's candidates in parallel on N Ray actors, one GPU each "
-    "where the cluster has GPUs, else one CPU each (pip install 'mergekit-pcb[ray]'); "
+    "where the cluster has GPUs, else one CPU each (needs Ray: pip install 'ray[default]>=2.9'); "
     "the driver's own copy (capture, test scores) stays on --device  [default: no Ray]",
 )
 @click.option(

@@ -61,7 +61,7 @@ from mergekit_pcb.tune.records import Candidate, Evaluation, Outcome, evaluate_c
 
 LOG = logging.getLogger(__name__)
 
-RAY_MISSING = "--workers needs Ray, an optional extra: pip install 'mergekit-pcb[ray]'"
+RAY_MISSING = "--workers needs Ray, which is not installed: pip install 'ray[default]>=2.9'"
 #: How often the set-up says that it still waits for actors to be placed.
 _PLACEMENT_NOTICE_S = 60.0
 
