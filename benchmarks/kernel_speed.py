@@ -20,7 +20,7 @@ Peak extra memory, per call, beyond the inputs already resident (the result coun
   allocated before the call;
 * CPU: after all timed calls, one more call per method and row: the process's peak
   resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
-  resident set before the call. ``pcb``'s CPU work-buffer pool (``mergekit_pcb.core``)
+  resident set before the call. ``pcb``'s CPU work-buffer pool (``mergekit_pcb.work_buffers``)
   is emptied before each of these calls, so its buffers count as the call's own
   (between the tensors of a merge they stay resident: up to 512 MiB per thread).
   For these calls glibc is told to serve every
@@ -61,7 +61,7 @@ from mergekit.merge_methods import merge_tensors
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
 from benchmarks import checkout
-from mergekit_pcb.core import release_work_buffers
+from mergekit_pcb.work_buffers import release_work_buffers
 
 LOG = logging.getLogger("kernel_speed")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import ClassVar
 
 import click
 import matplotlib.figure
@@ -15,6 +14,7 @@ import mergekit_pcb.tune.search as search
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.tune.cli import main
 from mergekit_pcb.tune.search import HISTORY_FILE, SearchSettings, run_search
+from tests.bars import RecordingBar as _Bar
 from tests.conftest import write_config
 
 ROWS = "one JSON object per line, with 'prompt' and 'completion', or 'text'"
@@ -190,25 +190,6 @@ def test_a_larger_budget_extends_a_run_as_if_it_had_been_given_at_once(tmp_path,
 def test_the_result_counts_only_the_replayed_evaluations(tmp_path):
     assert _search(tmp_path, _Bowl((1.3, 0.7)), budget=13).resumed == 0
     assert _search(tmp_path, _Bowl((1.3, 0.7)), budget=17).resumed == 13
-
-
-class _Bar:
-    """Stands in for tqdm: records the total it is given and how far it got."""
-
-    made: ClassVar[list[_Bar]] = []
-
-    def __init__(self, *args, total: int | None = None, **kwargs):
-        self.first_total, self.total, self.n = total, total, 0
-        _Bar.made.append(self)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize(
