@@ -1,7 +1,22 @@
 """PCB-Merging for mergekit: the ``pcb`` merge method, registered whenever mergekit merges.
 
-``core`` holds the tensor math, ``method`` the mergekit glue, ``cli`` the
-``mergekit-pcb`` command, ``tune`` the per-model weight tuner.
+The math (torch only; no mergekit, no transformers):
+
+* ``pcb``: the PCB steps for one tensor, ``pcb_merge`` and ``pcb_contributions``;
+* ``selection``: exact order statistics of a row, and of a stream (``RadixSelect``);
+* ``work_buffers``: the per-thread pool of CPU work buffers;
+* ``model_stats``: exact whole-model statistics, streamed (``scope: model``).
+
+The mergekit glue:
+
+* ``method``: the ``pcb`` merge method, its parameters and registration (``names``: its
+  name and parameter names, importable without torch);
+* ``method_scope``: ``scope: model`` inside a merge (streams the checkpoints once);
+* ``config_check``, ``errors``, ``merge``, ``merge_options``, ``model_card``, ``cli``
+  (the ``mergekit-pcb`` command), ``_mergekit_compat`` (the private mergekit APIs used),
+  ``_hook``, ``synthetic``.
+
+The tuner (``mergekit-pcb-tune``): the ``tune`` package.
 
 Importing this package is cheap (no torch, no mergekit): the public names below are
 loaded on first use, and ``pcb`` is registered with mergekit as soon as mergekit's merge
@@ -19,9 +34,9 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it, imported on first access.
 _LAZY = {
-    "PCBOptions": "mergekit_pcb.core",
-    "pcb_contributions": "mergekit_pcb.core",
-    "pcb_merge": "mergekit_pcb.core",
+    "PCBOptions": "mergekit_pcb.pcb",
+    "pcb_contributions": "mergekit_pcb.pcb",
+    "pcb_merge": "mergekit_pcb.pcb",
     "PCBMerge": "mergekit_pcb.method",
     "register": "mergekit_pcb.method",
     "METHOD_NAME": "mergekit_pcb.names",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import ClassVar
 
 import click
 import matplotlib.figure
@@ -18,6 +17,7 @@ from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.tune.cli import main
 from mergekit_pcb.tune.run_dir import HISTORY_FILE
 from mergekit_pcb.tune.search import SearchSettings
+from tests.bars import RecordingBar as _Bar
 from tests.conftest import write_config
 from tests.search_helpers import Bowl, run_test_search
 
@@ -180,25 +180,6 @@ def test_cli_with_builtin_loss_and_test_split(tune_config, tmp_path):
 
 
 # --- the progress bar of the search ---------------------------------------------------
-
-
-class _Bar:
-    """Stands in for tqdm: records the total it is given and how far it got."""
-
-    made: ClassVar[list[_Bar]] = []
-
-    def __init__(self, *args, total: int | None = None, **kwargs):
-        self.first_total, self.total, self.n = total, total, 0
-        _Bar.made.append(self)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize(

@@ -36,9 +36,9 @@ from mergekit.options import MergeOptions
 from tqdm import tqdm
 
 from mergekit_pcb import _mergekit_compat as compat
-from mergekit_pcb.core import SCALE_SUM_EPS, balanced_rows
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.method import METHOD_NAME, naming_non_finite_inputs, prepare_group
+from mergekit_pcb.pcb import undivided_contributions
 from mergekit_pcb.tune.compact import CompactRow, compact
 from mergekit_pcb.tune.contributions import Contributions, DiskStore, TensorTerms
 from mergekit_pcb.tune.placement import Placement, place
@@ -64,18 +64,20 @@ def _pcb_terms(group: TensorGroup, parameters: dict, model_index: Mapping[str, i
         terms = TensorTerms(base.shape, base, parameters["lambda"], (), {})
         return terms, {}
     inputs = prepare_group(group, parameters)
-    base32 = inputs.base.reshape(-1).to(torch.float32)
-    kept: dict[int, CompactRow] = {}
-    scale_sum = torch.zeros_like(base32)
+
+    def keep(_model: int, row: torch.Tensor) -> CompactRow:
+        return compact(row)  # copies s_i * Tc_i out of its work buffer
+
     with naming_non_finite_inputs(group):
-        for i, clamped, scale in balanced_rows(
-            base32, inputs.finetuned, inputs.densities, inputs.options, inputs.stats
-        ):
-            # s_i * Tc_i in Tc_i's work buffer; compact() copies it out.
-            kept[members[i]] = compact(clamped.mul_(scale))
-            scale_sum.add_(scale)
-    scale_sum.clamp_(min=SCALE_SUM_EPS)
-    rows = {index: row.divided(scale_sum) for index, row in kept.items()}
+        undivided = undivided_contributions(
+            inputs.base,
+            inputs.finetuned,
+            densities=inputs.densities,
+            keep=keep,
+            options=inputs.options,
+            stats=inputs.stats,
+        )
+    rows = {members[i]: row.divided(undivided.scale_sum) for i, row in undivided.rows.items()}
     terms = TensorTerms(base.shape, base, inputs.lam, members, rows)
     return terms, dict(zip(members, inputs.weights, strict=True))
 
