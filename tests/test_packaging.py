@@ -87,10 +87,6 @@ def test_docs_speak_of_the_project_alone(doc):
         assert found is None, f"{doc}: {found.group(0)!r}"
 
 
-#: Linked documents that are written apart from the rest and may not be in the tree yet.
-NOT_YET_WRITTEN = {"docs/algorithm.md"}
-
-
 @pytest.mark.parametrize("doc", sorted(DOCS))
 def test_relative_links_lead_to_files(doc):
     text = _read(doc)
@@ -99,6 +95,4 @@ def test_relative_links_lead_to_files(doc):
         if re.match(r"[a-z]+:", target):
             continue
         path = os.path.normpath(os.path.join(folder, target))
-        if os.path.relpath(path, REPO) in NOT_YET_WRITTEN and not os.path.exists(path):
-            continue
         assert os.path.exists(path), (doc, target)
