@@ -160,11 +160,11 @@ def test_import_after_mergekit_registers_at_once(tmp_path):
 
 
 def test_public_names_load_on_first_use():
-    from mergekit_pcb import core, method
+    from mergekit_pcb import method, pcb
 
-    assert mergekit_pcb.pcb_merge is core.pcb_merge
-    assert mergekit_pcb.pcb_contributions is core.pcb_contributions
-    assert mergekit_pcb.PCBOptions is core.PCBOptions
+    assert mergekit_pcb.pcb_merge is pcb.pcb_merge
+    assert mergekit_pcb.pcb_contributions is pcb.pcb_contributions
+    assert mergekit_pcb.PCBOptions is pcb.PCBOptions
     assert mergekit_pcb.PCBMerge is method.PCBMerge
     assert mergekit_pcb.register is method.register
     assert mergekit_pcb.METHOD_NAME == "pcb"
