@@ -20,7 +20,7 @@ Peak extra memory, per call, beyond the inputs already resident (the result coun
   allocated before the call;
 * CPU: after all timed calls, one more call per method and row: the process's peak
   resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
-  resident set before the call. ``pcb``'s CPU work-buffer pool (``mergekit_pcb.core``)
+  resident set before the call. ``pcb``'s CPU work-buffer pool (``mergekit_pcb.work_buffers``)
   is emptied before each of these calls, so its buffers count as the call's own
   (between the tensors of a merge they stay resident: up to 512 MiB per thread).
   For these calls glibc is told to serve every
@@ -30,12 +30,47 @@ Peak extra memory, per call, beyond the inputs already resident (the result coun
   unavailable (not Linux/glibc) CPU memory is reported as not measured
   (``--no-cpu-memory`` skips it).
 
-Targets (issue "pcb at GPU speed"), reported as PASS/FAIL lines, never raised:
+Targets, reported as PASS/FAIL lines, never raised:
 
 * CUDA: pcb time <= 1.5 x ties and pcb peak extra memory <= ties, on every row;
 * CPU: pcb time <= 3 x task_arithmetic and <= 0.3 x ties, pcb peak extra memory
-  <= ties (the issue states the CPU targets for 4096 x 4096, n = 3; they are checked
-  on every row measured).
+  <= ties (the CPU targets are set for 4096 x 4096, n = 3; they are checked on every
+  row measured).
+
+Why the selection constants are what they are
+---------------------------------------------
+
+The constants of ``mergekit_pcb.selection`` and the passes of ``mergekit_pcb.pcb``
+were chosen from these figures, recorded while the kernel was written (checkouts
+0d2d8ac to 2f85799, and 73bd160 for mixed dtypes; 2026-11-28) on this project's CPU
+machine (2 cores shared with other work, hence spreads rather than single values),
+on bf16 task vectors like the inputs above (16.7M entries) unless said otherwise.
+The H100 figures (58.7M entries) were reported from elsewhere; this project has not
+yet measured on a GPU.
+
+* ``DIRECT_SELECT = 2^16`` (rows above it go through a sample): on 16.7M entries one
+  quantile costs two to four counting passes of 15-20 ms each, where a whole-row
+  ``kthvalue`` took 240 ms and a ``topk`` of 20% 600 ms. On an H100 a ``topk`` of
+  20% takes 1.4 ms and a sort 3.2 ms, against about 0.1 ms per elementwise pass
+  (estimated from memory bandwidth), so CUDA uses the sample too
+  (``DIRECT_SELECT_ON`` is empty): chosen from those figures, not measured.
+* ``_sample_size``: 2^12 below 2^22 entries, 2^15 above. A small sample costs less to
+  draw and sort; on very large rows a larger one narrows the bracket enough to pay
+  for itself (measured on rows of 0.6M to 25M entries).
+* ``select_whole`` selects with ``topk`` of the smaller side, not ``kthvalue``: medians
+  of 0.5-0.6 ms against 11 ms on 65,536 entries, 10-19 ms against 9-27 ms on the
+  0.3-0.6M entries a bracket leaves; on CUDA ``kthvalue`` runs one thread block per
+  row (420-460 ms on 58.7M entries on an H100).
+* ``nonzero_count`` counts int32 bit patterns: torch's float ``count_nonzero`` took
+  40 ms on 16.7M entries with scattered zeros, the integer one 5 ms.
+* ``pcb.inter_balance`` skips the CPU ``tanh`` where it is the identity: the CPU
+  ``tanh`` costs about seven elementwise passes, the check one reduction.
+* ``work_buffers.POOL_BYTES``: a fresh buffer's page faults (one per 4 KiB page on its
+  first write) cost about three elementwise passes over it.
+* Mixed dtypes: the CPU adds a bf16 tensor into a float32 one element by element,
+  28 ms against 7 ms for a conversion and a float32 add (16.8M entries). Hence
+  ``work_buffers.flat_float32`` converts a half-precision base once, and the tuner
+  adds its bf16 base through a small conversion buffer (``mergekit_pcb/tune``).
 
 Run from the repository root after the dev install::
 
@@ -61,7 +96,7 @@ from mergekit.merge_methods import merge_tensors
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
 from benchmarks import checkout
-from mergekit_pcb.core import release_work_buffers
+from mergekit_pcb.work_buffers import release_work_buffers
 
 LOG = logging.getLogger("kernel_speed")
 

@@ -22,7 +22,7 @@ child's pid, so each run's own ``ru_maxrss``), then the ratios the project targe
 * (``scope: model``) time <= 3 x pcb and peak RSS <= 1.5 x pcb.
 
 With ``--cuda`` every child merges with mergekit's ``--cuda`` and the targets are the
-GPU ones (issue 11): ``pcb`` and ``pcb scope: model`` wall time <= 1.2 x ``ties``.
+GPU ones: ``pcb`` and ``pcb scope: model`` wall time <= 1.2 x ``ties``.
 Peak RSS is still the host's; GPU memory per tensor is ``kernel_speed``'s to measure.
 
 A FAIL is reported, not raised: the exit code is 0 unless a merge fails or writes

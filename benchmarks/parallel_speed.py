@@ -41,15 +41,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_pcb.synthetic import write_tiny_models
 from mergekit_pcb.tune import objectives
+from mergekit_pcb.tune.job import tune
 from mergekit_pcb.tune.parallel import RayWorkers
-from mergekit_pcb.tune.run import tune
-from mergekit_pcb.tune.search import (
-    BatchEvaluator,
-    Candidate,
-    Evaluation,
-    SearchSettings,
-    SerialEvaluator,
-)
+from mergekit_pcb.tune.records import BatchEvaluator, Candidate, Evaluation, SerialEvaluator
+from mergekit_pcb.tune.search import SearchSettings
 
 LOG = logging.getLogger("parallel_speed")
 
@@ -57,7 +52,7 @@ LOG = logging.getLogger("parallel_speed")
 class _Timed:
     """A batch evaluator that adds up the time spent in it (not the search's own)."""
 
-    def __init__(self, inner: BatchEvaluator):
+    def __init__(self, inner: BatchEvaluator[Candidate, Evaluation]):
         self.inner = inner
         self.seconds = 0.0
 
@@ -188,7 +183,7 @@ def main(workdir: str, workers: int, budget: int, popsize: int, seconds: float, 
         settings,
         identity_objective=identity,
         quiet=True,
-        evaluator=_serial(objective, timed),
+        make_evaluator=_serial(objective, timed),
     )
     serial_wall = time.perf_counter() - began
     serial_search = timed[0].seconds
@@ -209,7 +204,7 @@ def main(workdir: str, workers: int, budget: int, popsize: int, seconds: float, 
             settings,
             identity_objective=identity,
             quiet=True,
-            evaluator=factory,
+            make_evaluator=factory,
         )
     parallel_wall = time.perf_counter() - began
     parallel_search = parallel_timed[0].seconds

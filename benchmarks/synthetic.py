@@ -1,7 +1,7 @@
 """The benchmarks' shared synthetic models: a random Llama base and 3 fine-tunes.
 
 Two sizes: ``160m`` (the CPU benchmarks) and ``500m`` (the CUDA benchmarks, the size
-of the issues' GPU figures). Made offline once (bfloat16 unless asked otherwise) and
+of the earlier GPU measurements). Made offline once (bfloat16 unless asked otherwise) and
 reused by every benchmark script.
 """
 

@@ -62,7 +62,7 @@ def _dense_apply(contributions, dense: dict[str, torch.Tensor], model, weights) 
         for name, terms in contributions.terms.items():
             w = torch.tensor([float(weights[i]) for i in sorted(terms.rows)])
             merged = torch.tensordot(w, dense[name], dims=1) if len(w) else 0.0
-            merged = (terms.anchor.reshape(-1).float() + terms.lam * merged).view(terms.shape)
+            merged = (terms.base.reshape(-1).float() + terms.lam * merged).view(terms.shape)
             params[name].copy_(merged)
 
 
@@ -167,8 +167,8 @@ def main(workdir: str, models: str | None, size: str, device: str, candidates: i
     for label, seconds in rows:
         print(f"| {label} | {seconds:.3f} |")
     print(
-        f"\ncontributions: {contributions.nbytes} bytes, {per_parameter:.3f} bytes per parameter "
-        f"per model (target <= 1.25: {'PASS' if per_parameter <= 1.25 else 'FAIL'})"
+        f"\ncontributions: {contributions.row_bytes} bytes, {per_parameter:.3f} bytes per "
+        f"parameter per model (target <= 1.25: {'PASS' if per_parameter <= 1.25 else 'FAIL'})"
     )
     if previous:
         ratio = t_tuner / statistics.median(previous)

@@ -1,6 +1,7 @@
 """``mergekit-pcb``: ``mergekit-yaml`` with ``pcb`` registered, config checks, safe output.
 
-Same arguments and options as ``mergekit-yaml``, plus ``--debug``. On top of it:
+Same arguments and options as ``mergekit-yaml``, plus ``--debug`` and ``--version``.
+On top of it:
 
 * ``pcb`` is registered in-process, whether or not the start-up hook is installed;
 * the config is checked first (YAML syntax, mergekit's schema, model paths that do
@@ -10,7 +11,12 @@ Same arguments and options as ``mergekit-yaml``, plus ``--debug``. On top of it:
 * the merge is written to a staging folder beside OUT_PATH and moved into place
   only when it succeeded, so a failed merge leaves OUT_PATH as it was; the weight
   shards of an earlier merge that the new one does not overwrite are removed then;
-* a bad input is reported as one ``Error:`` line (``--debug``: with the traceback).
+* a bad input is reported as one ``Error:`` line (``--debug``: with the traceback);
+* ``--help``, ``--version`` and the config errors that need no mergekit (a YAML syntax
+  error, a model path that does not exist, a missing base model; misspelt keys are
+  warned about) answer before torch and mergekit are imported: this module imports
+  neither at module level, and mergekit's options are declared in
+  :mod:`mergekit_pcb.merge_options`.
 
 The work is :mod:`mergekit_pcb.merge`'s; this module parses options and reports.
 """
@@ -20,13 +26,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
+from typing import Any
 
 import click
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
-from pydantic import ValidationError
 
+from mergekit_pcb import __version__
+from mergekit_pcb.config_check import read_raw_config
 from mergekit_pcb.errors import describe_validation_error
-from mergekit_pcb.merge import merge_into, read_config
+from mergekit_pcb.merge_options import (
+    SectionedHelp,
+    add_merge_options,
+    configure_logging,
+    merge_options,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -42,6 +55,8 @@ DEBUG_HELP = "on an error, show the whole traceback instead of one line"
 def one_line(error: BaseException) -> str:
     """``error`` as one line: pydantic's field list joined; a message that carries a
     traceback (the tuner's "every candidate failed") cut to its first and last line."""
+    from pydantic import ValidationError  # here: the commands start without pydantic
+
     if isinstance(error, ValidationError):
         return describe_validation_error(error)
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -64,18 +79,58 @@ def reported_errors(debug: bool, prefix: str = "") -> Iterator[None]:
         raise click.ClickException(prefix + one_line(error)) from None
 
 
-@click.command("mergekit-pcb", cls=PrettyPrintHelp)
+def version_text() -> str:
+    """``mergekit-pcb 0.1.0 (mergekit 0.1.5)``: both versions, for a bug report."""
+    try:
+        mergekit = f"mergekit {metadata.version('mergekit')}"
+    except metadata.PackageNotFoundError:
+        mergekit = "mergekit not installed"
+    return f"mergekit-pcb {__version__} ({mergekit})"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
+@click.command("mergekit-pcb", cls=SectionedHelp)
 @click.argument("config_file")
 @click.argument("out_path")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the versions of mergekit-pcb and mergekit, and exit.",
+)
 @add_merge_options
-def main(merge_options: MergeOptions, config_file: str, out_path: str, debug: bool) -> None:
-    """Merge the models in CONFIG_FILE into OUT_PATH (mergekit-yaml with `pcb`)."""
-    merge_options.apply_global_options()
+def main(merge_values: dict[str, Any], config_file: str, out_path: str, debug: bool) -> None:
+    """Merge the models in CONFIG_FILE into OUT_PATH: mergekit-yaml, with `pcb` known.
+
+    \b
+    CONFIG_FILE  a mergekit YAML config (merge_method: pcb, or any mergekit method)
+    OUT_PATH     the folder for the merged model, created if missing; its files are
+                 replaced only once the whole merge has succeeded
+
+    The config is checked before any model is loaded: YAML syntax, model paths,
+    misspelt pcb parameter keys, pcb values and mergekit's schema. The options below
+    are mergekit-yaml's, plus --debug and --version.
+    """
+    configure_logging(merge_values["verbosity"])
     with reported_errors(debug):
-        loaded = read_config(config_file)
+        raw_config = read_raw_config(config_file)
+        # The rest needs mergekit, torch and transformers: seconds of imports, paid only
+        # once the checks above have passed.
+        from mergekit_pcb.merge import merge_into, parse_config
+
+        options = merge_options(merge_values)
+        options.apply_global_options()
+        loaded = parse_config(raw_config)
     with reported_errors(debug, prefix=f"merge failed, {out_path} left unchanged: "):
-        merge_into(loaded.merge_config, out_path, merge_options, config_source=loaded.source)
+        merge_into(loaded.merge_config, out_path, options, config_source=loaded.source)
     LOG.info("Merged model written to %s", out_path)
 
 

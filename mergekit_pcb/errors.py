@@ -1,15 +1,17 @@
 """The errors this package raises for bad input, worded once.
 
 Library code raises these (``ValueError`` subclasses); the commands turn them into
-one ``Error:`` line.
+one ``Error:`` line. Importing this module costs no more than the standard library (the
+commands report config errors before they import torch or mergekit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ConfigError(ValueError):
@@ -39,19 +41,27 @@ def field_path(location: Sequence[Any]) -> str:
     return path or "top level"
 
 
+def validator_message(item: Mapping[str, Any]) -> str | None:
+    """The text of the ``ValueError`` a validator raised, for one item of pydantic's
+    ``ValidationError.errors()``; ``None`` when pydantic itself refused the value.
+
+    A validator's own message already says what it wants and names the setting, so it
+    is shown as it is rather than behind pydantic's "Value error, " prefix."""
+    if item["type"] == "value_error" and "error" in item.get("ctx", {}):
+        return str(item["ctx"]["error"])
+    return None
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """A pydantic ``ValidationError`` in one line: ``field: problem (got value)``, joined
     by ``; ``. pydantic's own text spans three lines per problem and names the model
     class (``MergeConfiguration``), which a config's author never wrote."""
     problems = []
     for item in error.errors(include_url=False):
-        message = str(item["msg"])
-        if item["type"] == "value_error" and "error" in item.get("ctx", {}):
-            # A validator's own ValueError already says what it wants.
-            message = str(item["ctx"]["error"])
-        elif item["type"] == "missing":
+        message = validator_message(item)
+        if message is None and item["type"] == "missing":
             message = "required, but missing"
-        else:
-            message = f"{message} (got {item.get('input')!r})"
+        elif message is None:
+            message = f"{item['msg']} (got {item.get('input')!r})"
         problems.append(f"{field_path(item['loc'])}: {message}")
     return "; ".join(problems)

@@ -1,7 +1,8 @@
 """Read a checked mergekit config and merge it into an output folder without half-writes.
 
 The library side of ``mergekit-pcb`` (and of the tuner's ``--write-model``):
-:func:`read_config` reads, checks and parses a YAML config once;
+:func:`read_config` reads, checks and parses a YAML config once (:func:`parse_config`
+finishes what :func:`~mergekit_pcb.config_check.read_raw_config` began);
 :func:`merge_into` runs mergekit's ``run_merge`` into a staging folder beside the
 output and moves the result into place only when it succeeded, so a failed merge
 leaves the output folder as it was; the weight files of an earlier merge that the new
@@ -18,15 +19,21 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
 import mergekit_pcb.method  # noqa: F401  (registers ``pcb``)
-from mergekit_pcb.config_check import check_model_paths, check_pcb_config
+from mergekit_pcb.config_check import (
+    RawConfig,
+    check_model_paths,
+    check_pcb_values,
+    log_warnings,
+    read_raw_config,
+)
 from mergekit_pcb.errors import ConfigError, describe_validation_error
+from mergekit_pcb.model_card import add_plugin_note
 
 LOG = logging.getLogger(__name__)
 
@@ -58,20 +65,16 @@ def read_config(config_file: str) -> LoadedConfig:
     (the line of a YAML syntax error, the model and the key of a bad value, the field
     that mergekit's schema refuses, the model path that does not exist).
     """
+    return parse_config(read_raw_config(config_file))
+
+
+def parse_config(raw_config: RawConfig) -> LoadedConfig:
+    """The checks of :func:`read_config` that need mergekit, on a config that
+    :func:`~mergekit_pcb.config_check.read_raw_config` has read and checked: the ``pcb``
+    values (by the method's own spec), mergekit's schema, the parsed model paths."""
+    config_file, raw = raw_config.path, raw_config.raw
     try:
-        with open(config_file, encoding="utf-8") as file:
-            source = file.read()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = (error.strerror or str(error)) if isinstance(error, OSError) else "not UTF-8"
-        raise ConfigError(f"{config_file}: cannot read the config ({reason})") from None
-    try:
-        raw = yaml.safe_load(source)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{config_file}: {_describe_yaml_error(error)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{config_file}: not a mergekit YAML config (a mapping)")
-    try:
-        check_pcb_config(raw)
+        log_warnings(check_pcb_values(raw))
     except ValueError as error:
         raise ConfigError(f"{config_file}: {error}") from None
     try:
@@ -84,21 +87,7 @@ def read_config(config_file: str) -> LoadedConfig:
         check_model_paths(merge_config)
     except ValueError as error:
         raise ConfigError(f"{config_file}: {error}") from None
-    return LoadedConfig(config_file, source, raw, merge_config)
-
-
-def _describe_yaml_error(error: yaml.YAMLError) -> str:
-    """PyYAML's error in one line, with the line and column in the file.
-
-    PyYAML parses a string here, so its own text says ``in "<unicode string>"``."""
-    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
-        return f"not valid YAML ({error})"
-    mark = error.problem_mark
-    text = f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {error.problem}"
-    if error.context and error.context_mark is not None:
-        begun = error.context_mark
-        text += f" ({error.context} at line {begun.line + 1}, column {begun.column + 1})"
-    return text
+    return LoadedConfig(config_file, raw_config.source, raw, merge_config)
 
 
 def load_config(config_file: str) -> tuple[MergeConfiguration, str]:
@@ -118,6 +107,8 @@ def merge_into(
     Files of ``out_path`` that the merge does not write are kept, except the weight
     shards and shard index of an earlier merge (mergekit's names only): left beside
     the new ones, a loader could read a mix of both merges. What is removed is logged.
+    The model card of a ``pcb`` merge says that reproducing it needs this plugin
+    (:mod:`mergekit_pcb.model_card`).
     """
     out_path = os.path.abspath(out_path)
     if os.path.exists(out_path) and not os.path.isdir(out_path):
@@ -129,6 +120,7 @@ def merge_into(
     staged = os.path.join(staging_root, os.path.basename(out_path))
     try:
         run_merge(merge_config, staged, options=options, config_source=config_source)
+        add_plugin_note(staged, merge_config.merge_method)
         if not os.path.isdir(out_path):
             os.replace(staged, out_path)
         else:

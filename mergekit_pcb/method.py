@@ -2,10 +2,10 @@
 
 mergekit 0.1.5 hands a method one output tensor at a time (a ``TensorGroup``); this
 module reads the bound parameters (:func:`prepare_group`), calls
-:func:`mergekit_pcb.core.pcb_merge`, and returns the result in the input dtype. The
-tensor math lives in ``core.py``, the whole-model statistics of ``scope: model`` in
-``model_scope.py``. Nothing here is mutable at module level: mergekit's multi-GPU
-executor calls ``merge_group`` from several threads.
+:func:`mergekit_pcb.pcb.pcb_merge`, and returns the result in the input dtype. The
+tensor math lives in ``pcb.py``, the glue of ``scope: model`` (whole-model statistics
+through mergekit's loaders) in ``method_scope.py``. Nothing here is mutable at module
+level: mergekit's multi-GPU executor calls ``merge_group`` from several threads.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from mergekit.merge_methods import (
 from pydantic import AfterValidator
 
 from mergekit_pcb._mergekit_compat import ParameterSpec
-from mergekit_pcb.core import (
+from mergekit_pcb.errors import MergeInputError, non_finite_input
+from mergekit_pcb.method_scope import group_model_stats
+from mergekit_pcb.names import METHOD_NAME
+from mergekit_pcb.pcb import (
     ModelStats,
     NonFiniteInputError,
     PCBOptions,
@@ -38,12 +41,8 @@ from mergekit_pcb.core import (
     check_density,
     pcb_merge,
 )
-from mergekit_pcb.errors import MergeInputError, non_finite_input
-from mergekit_pcb.model_scope import group_model_stats
 
 LOG = logging.getLogger(__name__)
-
-METHOD_NAME = "pcb"
 
 #: Fraction of entries kept per model and tensor. 0.2 is the largest value of the
 #: released grids (T5: 0.05/0.1/0.2; (IA)3 on T0-3B: 0.2): the top-r threshold is
@@ -135,7 +134,7 @@ ModelStatsSource = Callable[[TensorGroup, Sequence[float], PCBOptions], list[Mod
 
 
 def _locate_non_finite(group: TensorGroup) -> ValueError:
-    """The error naming the model and tensor holding NaN or Inf (core found one)."""
+    """The error naming the model and tensor holding NaN or Inf (the math found one)."""
     for entry in group.entries:
         if not bool(torch.isfinite(entry.tensor).all()):
             return non_finite_input(entry.id, is_base=entry.is_base, tensor=group.metadata.name)
@@ -146,7 +145,7 @@ def _locate_non_finite(group: TensorGroup) -> ValueError:
 
 @dataclass(frozen=True)
 class PCBInputs:
-    """One tensor group's inputs and settings, ready for the kernels of ``core``."""
+    """One tensor group's inputs and settings, ready for ``pcb_merge``."""
 
     base: torch.Tensor
     finetuned: list[torch.Tensor]
@@ -191,7 +190,7 @@ def prepare_group(
 
 @contextmanager
 def naming_non_finite_inputs(group: TensorGroup) -> Iterator[None]:
-    """Turn core's anonymous NaN/Inf error into one that names the model and tensor."""
+    """Turn the math's anonymous NaN/Inf error into one that names the model and tensor."""
     try:
         yield
     except NonFiniteInputError:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The device checks of issues 11 and 12, as ONE command for the GPU machine (see
-# benchmarks/GPU.md): install the carried wheels, run the CUDA tests, the kernel table,
-# the end-to-end --cuda merges and the tuner's CUDA benchmark; everything goes to $OUT.
-# Usage there:  bash scripts/gpu-check.sh   (carry: .whl)
+# The GPU checks as ONE command for a GPU machine without network access (see
+# docs/gpu.md): install the wheels of .whl/ (scripts/gpu-wheels.sh), run the CUDA tests,
+# the kernel table, the end-to-end --cuda merges and the tuner's CUDA benchmark;
+# everything goes to $OUT (default /tmp/gpu-check).
+# Usage there, from the repository root:  OUT=/some/folder bash scripts/gpu-check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -11,7 +12,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 run() { echo "== $*"; timeout "$1" "${@:2}" 2>&1 | tee -a "$OUT/log.txt" | tail -40; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
-run 60 python3 -m pytest -q -p no:cacheprovider tests/test_selection.py tests/test_contributions.py -k "cuda or gpu"
+run 60 python3 -m pytest -q -p no:cacheprovider tests/test_selection.py tests/test_pcb.py \
+  tests/test_model_stats.py tests/test_method.py tests/test_contributions.py -k "cuda or gpu"
 run 150 python3 -m benchmarks.kernel_speed --device cuda
 run 210 python3 -m benchmarks.merge_speed --size 500m --cuda --repeats 1
 run 120 python3 -m benchmarks.tune_speed --size 500m --device cuda --candidates 3

@@ -1,6 +1,6 @@
-"""A second PCB implementation, written from shared/pcb-spec.md for the tests only.
+"""A second PCB implementation, written from docs/algorithm.md for the tests only.
 
-It follows the spec literally (whole n x d matrix, full sorts, exp(n * minmax^2)
+It follows that description literally (whole n x d matrix, full sorts, exp(n * minmax^2)
 without the overflow shift, float64) and shares no code with ``mergekit_pcb``.
 Only the undefined 0/0 cases are resolved the way the package documents them.
 """

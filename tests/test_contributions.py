@@ -1,5 +1,5 @@
 """Compact contributions: storage round trips, in-place candidates against mergekit's own
-merges (every linear method, both pcb scopes, float32 and bf16), placement."""
+merges (every linear method, both pcb scopes, float32 and bf16), contributions on disk."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.merge import load_config, merge_into
 from mergekit_pcb.tune.capture import capture_contributions
 from mergekit_pcb.tune.compact import compact
-from mergekit_pcb.tune.contributions import Placement
-from mergekit_pcb.tune.run import placement_for
+from mergekit_pcb.tune.placement import Placement
 from tests.conftest import write_config
 
 
@@ -145,9 +144,9 @@ CASES = [
     ("pcb", "float32", 0.05, {}),
     ("pcb", "float32", 0.2, {}),
     ("pcb", "float32", 1.0, {}),
-    ("pcb", "float32", 0.2, {"scope": "model"}),
-    ("pcb", "bfloat16", 0.2, {}),
-    ("pcb", "bfloat16", 0.1, {"scope": "model"}),
+    pytest.param("pcb", "float32", 0.2, {"scope": "model"}, marks=pytest.mark.slow),
+    pytest.param("pcb", "bfloat16", 0.2, {}, marks=pytest.mark.slow),
+    pytest.param("pcb", "bfloat16", 0.1, {"scope": "model"}, marks=pytest.mark.slow),
     ("task_arithmetic", "float32", 1.0, {}),
     ("task_arithmetic", "bfloat16", 1.0, {}),
     ("task_arithmetic", "float32", 1.0, {"normalize": True}),
@@ -204,39 +203,6 @@ def test_contributions_on_disk_or_over_budget_give_the_same_candidate(models, tm
         )
 
 
-def test_placement_beside_the_parameter_then_cpu_then_disk():
-    placement = Placement("auto", {"cuda:0": 100, "cuda:1": 10, "cpu": 50})
-    assert [
-        placement.choose(n, d) for n, d in [(60, "cuda:0"), (30, "cuda:0"), (20, "cuda:1")]
-    ] == [
-        "cuda:0",
-        "cuda:0",
-        "cpu",
-    ]
-    assert placement.choose(40, "cuda:0") == "disk"  # 10 left on cuda:0, 30 on the CPU
-    assert placement.choose(30, "cpu") == "cpu"
-    assert dict(placement.used) == {"cuda:0": 90, "cpu": 50, "disk": 40}
-    assert Placement("device").choose(10**15, "cuda:3") == "cuda:3"
-    assert Placement("cpu").choose(1, "cuda:0") == "cpu"
-    assert Placement("disk").choose(1, "cpu") == "disk"
-
-
-def test_auto_placement_leaves_room_for_the_objective_on_each_gpu():
-    gib = 2**30
-    fake = {
-        "cuda:0": (60 * gib, 80 * gib),
-        "cuda:1": (10 * gib, 80 * gib),
-        "cpu": (8 * gib, 16 * gib),
-    }
-    placement = placement_for("auto", ["cuda:0", "cuda:1"], memory=lambda d: fake[str(d)])
-    # 25% of each GPU's 80 GiB stays free for the objective.
-    assert placement.budgets == {"cuda:0": 40 * gib, "cuda:1": 0, "cpu": 8 * gib}
-    assert placement.choose(30 * gib, "cuda:0") == "cuda:0"
-    assert placement.choose(1 * gib, "cuda:1") == "cpu"
-    assert placement.choose(20 * gib, "cuda:0") == "disk"  # 10 GiB left there, 7 on the CPU
-    assert "left free on cuda:0" in placement.describe()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_contributions_live_on_the_parameters_gpu(models, tmp_path):
     config = _config(tmp_path / "c.yml", models, "pcb", "bfloat16", 0.2)
@@ -259,8 +225,12 @@ def test_methods_that_are_not_linear_are_refused(models, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_anchor_added_by_chunks_equals_one_float32_add(dtype):
-    # The CPU anchor add converts chunk by chunk; the sum must be the plain one.
+def test_base_added_by_chunks_equals_one_float32_add(dtype):
+    """The CPU add of the base converts chunk by chunk; the sum must be the plain one.
+
+    The private helper is the point: its chunks (two whole ones and a partial one) are
+    what could go wrong, and no tiny model's tensor is large enough to reach them.
+    """
     from mergekit_pcb.tune.contributions import _CONVERT_CHUNK, _add_converted
 
     gen = torch.Generator().manual_seed(0)

@@ -1,25 +1,33 @@
-"""The ``pcb`` mergekit method: parameters, errors, registration, end-to-end merges."""
+"""The ``pcb`` mergekit method: parameters, errors, registration, end-to-end merges,
+and ``scope: model`` inside a merge."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import pytest
 import torch
+import yaml
 from mergekit import merge_methods
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
 from mergekit.merge_methods import registry as mergekit_registry
 from mergekit.options import MergeOptions
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import mergekit_pcb
+from mergekit_pcb import model_stats
 from mergekit_pcb.method import DEFAULT_DENSITY, PCBMerge, register
+from tests.bars import RecordingBar
 from tests.conftest import write_config
-from tests.reference_pcb import reference_pcb
+from tests.reference_pcb import reference_pcb, relative_error
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _tensors(n: int = 3, shape=(12, 20), seed: int = 0, dtype=torch.float32):
@@ -209,3 +217,104 @@ def test_run_merge_end_to_end(tiny_models, tmp_path):
             clamp_ratio=0.01,
         )
         torch.testing.assert_close(merged[tensor_name], expected.float(), rtol=0, atol=1e-6)
+
+
+# --- scope: model inside a mergekit merge (method_scope.py) ------------------------
+
+
+def test_scope_model_needs_mergekit_loaded_models():
+    tensors = [torch.zeros(4), torch.ones(4)]
+    with pytest.raises(ValueError, match="scope: model needs models that mergekit loads"):
+        merge_tensors(tensors, "pcb", base_index=0, parameters={"scope": "model"})
+
+
+def test_mergekit_merge_with_scope_model_matches_spec(tiny_models, tmp_path):
+    config_path = write_config(
+        str(tmp_path / "pcb.yml"),
+        tiny_models,
+        per_model={"code": {"weight": 1.3, "density": 0.3}},
+        parameters={"scope": "model", "lambda": 1.1, "clamp_ratio": 0.02},
+    )
+    with open(config_path, encoding="utf-8") as file:
+        config = MergeConfiguration.model_validate(yaml.safe_load(file))
+    run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+
+    states = {n: load_file(os.path.join(p, "model.safetensors")) for n, p in tiny_models.items()}
+    names = sorted(states["base"])
+    flat = {n: torch.cat([s[k].reshape(-1) for k in names]) for n, s in states.items()}
+    expected = reference_pcb(
+        flat["base"],
+        [flat["math"], flat["code"], flat["chat"]],
+        [1.0, 1.3, 1.0],
+        [0.2, 0.3, 0.2],
+        lam=1.1,
+        clamp_ratio=0.02,
+    )
+    got = torch.cat([merged[k].reshape(-1) for k in names])
+    assert relative_error(got, expected, flat["base"]) <= 1e-5
+    # and it differs from the per-tensor default, which the README documents
+    per_tensor = config.model_copy(deep=True)
+    per_tensor.parameters["scope"] = "tensor"
+    run_merge(per_tensor, str(tmp_path / "per_tensor"), options=MergeOptions(quiet=True))
+    other = load_file(tmp_path / "per_tensor" / "model.safetensors")
+    assert any(not torch.equal(other[k], merged[k]) for k in names)
+
+
+def test_scope_model_names_a_non_finite_tensor_anywhere(tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["chat"], broken)
+    state = load_file(broken / "model.safetensors")
+    state["model.layers.1.self_attn.v_proj.weight"][0, 1] = float("inf")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    config_path = write_config(
+        str(tmp_path / "pcb.yml"),
+        {**tiny_models, "chat": str(broken)},
+        parameters={"scope": "model"},
+    )
+    with open(config_path, encoding="utf-8") as file:
+        config = MergeConfiguration.model_validate(yaml.safe_load(file))
+    message = (
+        f"pcb: model {broken} has NaN or Inf values in tensor "
+        "model.layers.1.self_attn.v_proj.weight"
+    )
+    with pytest.raises(ValueError, match=message):
+        run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
+
+
+def test_scope_model_progress_bars_have_their_total(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_stats, "tqdm", RecordingBar)
+    RecordingBar.made.clear()
+    config_path = write_config(
+        str(tmp_path / "pcb.yml"), tiny_models, parameters={"scope": "model", "lambda": 0.9}
+    )
+    with open(config_path, encoding="utf-8") as file:
+        config = MergeConfiguration.model_validate(yaml.safe_load(file))
+    run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
+    with safe_open(os.path.join(tiny_models["base"], "model.safetensors"), "pt") as file:
+        stored = len(list(file.keys()))
+    assert len(RecordingBar.made) == 4  # four passes
+    assert [(bar.total, bar.n) for bar in RecordingBar.made] == [(stored, stored)] * 4
+
+
+
+
+@CUDA
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+def test_mergekit_merge_with_cuda_equals_the_cpu_merge(scope, tiny_models, tmp_path):
+    # The issue's failure: scope: model with --cuda stopped at a CPU histogram.
+    config_path = write_config(
+        str(tmp_path / "pcb.yml"), tiny_models, parameters={"scope": scope, "clamp_ratio": 0.02}
+    )
+    with open(config_path, encoding="utf-8") as file:
+        config = MergeConfiguration.model_validate(yaml.safe_load(file))
+    merged = {}
+    for cuda in (False, True):
+        out = str(tmp_path / f"out-cuda-{cuda}")
+        run_merge(config, out, options=MergeOptions(quiet=True, cuda=cuda))
+        merged[cuda] = load_file(f"{out}/model.safetensors")
+    base = load_file(f"{tiny_models['base']}/model.safetensors")
+    names = sorted(merged[False])
+    flat = {cuda: torch.cat([m[k].reshape(-1) for k in names]) for cuda, m in merged.items()}
+    flat_base = torch.cat([base[k].reshape(-1) for k in names])
+    assert relative_error(flat[True], flat[False].double(), flat_base) <= 1e-5

@@ -17,7 +17,6 @@ import sys
 import textwrap
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,15 @@ from click.testing import CliRunner
 from mergekit_pcb.tune import cli as tune_cli
 from mergekit_pcb.tune import objectives
 from mergekit_pcb.tune.cli import main as tune_main
-from mergekit_pcb.tune.run import tune
-from mergekit_pcb.tune.search import HISTORY_FILE, SearchSettings, read_history
+from mergekit_pcb.tune.job import tune
+from mergekit_pcb.tune.records import Evaluation
+from mergekit_pcb.tune.run_dir import HISTORY_FILE, read_history
+from mergekit_pcb.tune.search import SearchSettings
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(
     not HAVE_RAY,
-    reason="Ray is not installed: pip install 'mergekit-pcb[ray]' (CI installs it)",
+    reason="Ray is not installed: pip install 'ray[default]>=2.9' (CI installs it)",
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def workers(val_file):
         ray.shutdown()
 
 
-def _tune(tune_config: str, out_dir: Path, objective, evaluator=None):
+def _tune(tune_config: str, out_dir: Path, objective, make_evaluator=None):
     identity = {"kind": "test", "name": objective.name}
     return tune(
         tune_config,
@@ -75,14 +76,14 @@ def _tune(tune_config: str, out_dir: Path, objective, evaluator=None):
         SETTINGS,
         identity_objective=identity,
         quiet=True,
-        evaluator=evaluator,
+        make_evaluator=make_evaluator,
     )
 
 
 def _rows(out_dir: Path) -> list[dict]:
     """history.jsonl by candidate index, without the timings."""
-    rows = read_history(str(out_dir / HISTORY_FILE))
-    return [{k: v for k, v in asdict(rows[i]).items() if k not in TIMINGS} for i in sorted(rows)]
+    rows = read_history(str(out_dir / HISTORY_FILE), Evaluation.from_row)
+    return [{k: v for k, v in rows[i].to_row().items() if k not in TIMINGS} for i in sorted(rows)]
 
 
 def _assert_same_run(parallel: Path, serial: Path, resumed: int = 0) -> None:
@@ -106,11 +107,12 @@ def serial_run(tune_config, val_file, tmp_path_factory) -> Path:
 
 
 @needs_ray
+@pytest.mark.slow
 def test_two_workers_give_the_serial_run(tune_config, val_file, serial_run, workers, tmp_path):
     replaced = workers.replaced
     # Normalised: the reference scores, computed by the driver, reach the workers.
     workers.objective = objective = objectives.validation_loss([val_file], normalized=True)
-    result = _tune(tune_config, tmp_path / "run", objective, evaluator=workers)
+    result = _tune(tune_config, tmp_path / "run", objective, make_evaluator=workers)
     _assert_same_run(tmp_path / "run", serial_run)
     assert len(result.history) == len(_rows(serial_run)) and all(e.ok for e in result.history)
     # Two actors in two processes, one torch thread each on the 2-CPU cluster.
@@ -134,7 +136,7 @@ def test_workers_read_contributions_kept_on_disk(
         SETTINGS,
         identity_objective=identity,
         quiet=True,
-        evaluator=workers,
+        make_evaluator=workers,
         contributions="disk",
     )
     summary = json.loads((out / "summary.json").read_text())
@@ -173,11 +175,11 @@ def test_a_ctrl_c_loses_no_finished_evaluation_and_the_run_resumes(
         return evaluator
 
     with pytest.raises(KeyboardInterrupt):
-        _tune(tune_config, tmp_path / "run", objective, evaluator=interrupting)
+        _tune(tune_config, tmp_path / "run", objective, make_evaluator=interrupting)
     # Two collected before the interrupt, and the two that had finished when it came.
     assert len((tmp_path / "run" / HISTORY_FILE).read_text().splitlines()) == 4
 
-    resumed = _tune(tune_config, tmp_path / "run", objective, evaluator=workers)
+    resumed = _tune(tune_config, tmp_path / "run", objective, make_evaluator=workers)
     assert resumed.search.resumed == 4
     _assert_same_run(tmp_path / "run", serial_run, resumed=4)
 
@@ -251,6 +253,7 @@ def _objective_file(tmp_path: Path, driver: int) -> tuple[str, Path]:
 
 
 @needs_ray
+@pytest.mark.slow
 def test_dead_workers_are_replaced_and_their_candidates_retried_once(
     tune_config, workers, tmp_path, caplog
 ):
@@ -259,7 +262,7 @@ def test_dead_workers_are_replaced_and_their_candidates_retried_once(
     workers.objective = objective = objectives.load_user_objective(spec, maximize=False)
     replaced = workers.replaced
     with caplog.at_level(logging.WARNING):
-        parallel = _tune(tune_config, tmp_path / "parallel", objective, evaluator=workers)
+        parallel = _tune(tune_config, tmp_path / "parallel", objective, make_evaluator=workers)
     deaths = (state / "deaths").read_text().split()
     doomed = (state / "doomed").read_text().split()
     assert len(doomed) == 1 and deaths.count(doomed[0]) == 2 and len(deaths) == 3
@@ -344,7 +347,7 @@ def test_ctrl_c_on_the_command_leaves_no_cluster_and_the_run_resumes(
     assert process.returncode != 0 and "Aborted" in stderr, stderr
     _, alive = psutil.wait_procs(children, timeout=30)
     assert [_command_line(p) for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
-    written = read_history(str(history))
+    written = read_history(str(history), Evaluation.from_row)
     assert len(written) >= 3 and all(e.ok for e in written.values())
 
     (state / "slow").unlink()
@@ -353,7 +356,7 @@ def test_ctrl_c_on_the_command_leaves_no_cluster_and_the_run_resumes(
     monkeypatch.setattr(tune_cli, "ray_workers", _shared(workers))
     resumed = CliRunner().invoke(tune_main, args, catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
-    total = len(read_history(str(history)))
+    total = len(read_history(str(history), Evaluation.from_row))
     assert len(written) < total and f"over {total} evaluations" in resumed.output
     # Nothing evaluated twice: the resumed run scored only what was missing.
     assert len((state / "calls").read_text().split()) - 10 == total - len(written)
@@ -363,6 +366,7 @@ def test_ctrl_c_on_the_command_leaves_no_cluster_and_the_run_resumes(
     _assert_same_run(tmp_path / "run", tmp_path / "serial", resumed=len(written))
 
 
+@pytest.mark.slow
 def test_without_ray_the_command_says_how_to_get_it(tune_config, val_file, tmp_path):
     """With Ray unimportable: the package imports, and --workers says what to install."""
     script = (
@@ -379,7 +383,7 @@ def test_without_ray_the_command_says_how_to_get_it(tune_config, val_file, tmp_p
     )
     assert done.returncode == 1, done.stderr
     assert "Error: --workers needs Ray" in done.stderr
-    assert "pip install 'mergekit-pcb[ray]'" in done.stderr
+    assert "pip install 'ray[default]>=2.9'" in done.stderr
     assert not (tmp_path / "run").exists()  # refused before any work
 
 

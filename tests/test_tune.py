@@ -1,30 +1,24 @@
-"""The CMA-ES tuner: linear candidates, recovery of known coefficients, resume, failures."""
+"""``tune()`` (``job.py``), a whole tuning job on the tiny models: candidates equal to
+mergekit's merges, recovery of known weights, resume after Ctrl-C, refusal of another run."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mergekit_pcb.merge import load_config, merge_into
 from mergekit_pcb.tune import objectives
 from mergekit_pcb.tune.capture import capture_contributions
-from mergekit_pcb.tune.cli import main as tune_main
-from mergekit_pcb.tune.run import tune
-from mergekit_pcb.tune.search import (
-    AllCandidatesFailedError,
-    RunMismatchError,
-    SearchSettings,
-    run_search,
-)
+from mergekit_pcb.tune.job import tune
+from mergekit_pcb.tune.run_dir import RunMismatchError
+from mergekit_pcb.tune.search import SearchSettings
 from tests.conftest import write_config
 
 TARGET = [1.6, 0.8, 2.2]
@@ -87,6 +81,7 @@ def _run(tune_config, out_dir, objective, settings, **kw):
     )
 
 
+@pytest.mark.slow
 def test_recovers_known_coefficients_deterministically(tune_config, target_state, tmp_path):
     objective = _distance_objective(target_state)
     first = _run(tune_config, tmp_path / "a", objective, _settings())
@@ -134,6 +129,7 @@ class _Interrupt:
         return self.objective(model, tokenizer)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_history(tune_config, target_state, tmp_path):
     settings = _settings(budget=40, popsize=6)
     straight = _run(tune_config, tmp_path / "straight", _distance_objective(target_state), settings)
@@ -160,179 +156,3 @@ def test_a_different_run_in_the_same_directory_is_refused(
         _run(other, tmp_path / "run", objective, _settings(budget=10, popsize=4))
     with pytest.raises(RunMismatchError, match="differs in: settings"):
         _run(tune_config, tmp_path / "run", objective, _settings(budget=10, popsize=4, seed=9))
-
-
-def _search(evaluate, tmp_path, budget=25):
-    return run_search(
-        evaluate,
-        2,
-        maximize=True,
-        out_dir=str(tmp_path),
-        identity={"t": 1},
-        settings=SearchSettings(budget=budget, popsize=4, seed=5, scale_search=False),
-        quiet=True,
-    )
-
-
-def test_failing_candidates_score_worst_and_the_search_goes_on(tmp_path, caplog):
-    def evaluate(c, timings):
-        if c[0] > 1.4:
-            raise RuntimeError("objective exploded")
-        if c[1] > 2.5:
-            return math.nan
-        return -((c[0] - 1.2) ** 2) - (c[1] - 0.9) ** 2
-
-    result = _search(evaluate, tmp_path, budget=41)
-    failed = [e for e in result.history if not e.ok]
-    assert failed, "the bounds make some candidates fail"
-    assert all("objective exploded" in e.error or "not a finite number" in e.error for e in failed)
-    assert len(result.history) == 41 and result.best.ok
-    assert abs(result.best.weights[0] - 1.2) < 0.15
-    assert "failed: RuntimeError: objective exploded" in caplog.text
-
-
-def test_a_run_where_every_candidate_fails_stops_with_the_first_error(tmp_path):
-    calls = []
-
-    def evaluate(c, timings):
-        calls.append(c)
-        raise ValueError(f"bad data file #{len(calls)}")
-
-    with pytest.raises(AllCandidatesFailedError, match=r"(?s)first error was:.*bad data file #1"):
-        _search(evaluate, tmp_path)
-    assert len(calls) == 5  # the starting point and one generation, then it stops
-
-
-def test_completion_loss_matches_a_direct_computation(tiny_models):
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["math"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["math"])
-    examples = [objectives.Example("12+7=", "19"), objectives.Example("3+4=", "7")]
-    total, count = 0.0, 0
-    for e in examples:
-        prompt = [tokenizer.bos_token_id, *tokenizer.encode(e.prompt, add_special_tokens=False)]
-        target = tokenizer.encode(e.completion, add_special_tokens=False)
-        ids = torch.tensor([prompt + target])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
-        for k, token in enumerate(target):
-            total -= logp[len(prompt) - 1 + k, token].item()
-            count += 1
-    assert objectives.completion_loss(model, tokenizer, examples, batch_size=2) == (
-        pytest.approx(total / count, rel=1e-5)
-    )
-
-
-def test_exact_match_counts_greedy_completions(tiny_models):
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["code"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["code"])
-    prompt = "def f("
-    ids = torch.tensor(
-        [[tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]]
-    )
-    greedy = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=3,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    said = tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
-    if not said.strip():
-        pytest.skip("the random model greedily emits whitespace here")
-    right = objectives.Example(prompt, said.strip())
-    wrong = objectives.Example(prompt, said.strip() + "#")
-    assert objectives.exact_match(model, tokenizer, [right, right, wrong, right]) == 0.75
-
-
-def test_task_files_are_validated(tmp_path):
-    good = tmp_path / "good.jsonl"
-    good.write_text('{"prompt": "a", "completion": "b"}\n\n{"text": "abc"}\n')
-    assert objectives.read_task_file(str(good)) == [
-        objectives.Example("a", "b"),
-        objectives.Example("", "abc"),
-    ]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: a row needs"):
-        objectives.read_task_file(str(bad))
-
-
-def test_cli_with_builtin_loss_and_test_split(tune_config, tmp_path):
-    val, test = tmp_path / "val.jsonl", tmp_path / "test.jsonl"
-    val.write_text(
-        "".join(
-            json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(6)
-        )
-    )
-    test.write_text("".join(json.dumps({"text": f"{i} apples"}) + "\n" for i in range(4)))
-    out = tmp_path / "out"
-    args = [
-        tune_config,
-        str(out),
-        "--val",
-        str(val),
-        "--test",
-        str(test),
-        "--budget",
-        "9",
-        "--popsize",
-        "4",
-        "--combine",
-        "normalized",
-        "--quiet",
-        "--write-model",
-    ]
-    result = CliRunner().invoke(tune_main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "normalized validation loss (lower is better) over 9 evaluations" in result.output
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["start"]["weights"] == [1.0, 1.0, 1.0]
-    assert {"score", "test_score"} <= summary["best"].keys()
-    assert (out / "merged" / "model.safetensors").exists()
-    assert len(json.loads((out / "reference_scores.json").read_text())) == 3
-
-    same = CliRunner().invoke(
-        tune_main, [tune_config, str(out), "--val", str(val), "--test", str(val)]
-    )
-    assert same.exit_code != 0 and "is also a validation file" in same.output
-
-
-def test_lm_eval_objective_through_a_stand_in_harness(monkeypatch, caplog):
-    """Our adapter around lm-eval's documented API (lm_eval itself is an optional extra,
-    not installed here): the stand-in records the call and returns fixed metrics."""
-    import sys
-    import types
-
-    calls = {}
-
-    def simple_evaluate(model, tasks, limit):
-        calls.update(model=model, tasks=tasks, limit=limit)
-        return {"results": {"gsm8k": {"exact_match,none": 0.25}, "my_val": {"acc,none": 0.75}}}
-
-    class HFLM:
-        def __init__(self, pretrained, tokenizer):
-            self.pretrained, self.tokenizer = pretrained, tokenizer
-
-    fake = types.ModuleType("lm_eval")
-    fake.simple_evaluate = simple_evaluate
-    models = types.ModuleType("lm_eval.models")
-    huggingface = types.ModuleType("lm_eval.models.huggingface")
-    huggingface.HFLM = HFLM
-    monkeypatch.setitem(sys.modules, "lm_eval", fake)
-    monkeypatch.setitem(sys.modules, "lm_eval.models", models)
-    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", huggingface)
-
-    objective = objectives.LmEvalObjective(["gsm8k", "my_val"], limit=10)
-    assert "lm-eval task 'gsm8k' looks like a public benchmark" in caplog.text
-    assert "my_val" not in caplog.text
-    assert objective("model", "tok") == 0.5 and objective.maximize
-    assert calls["tasks"] == ["gsm8k", "my_val"] and calls["limit"] == 10
-    assert calls["model"].pretrained == "model"
-
-
-def test_lm_eval_objective_without_the_extra_says_how_to_install(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(ImportError, match=r"pip install 'mergekit-pcb\[lm-eval\]'"):
-        objectives.LmEvalObjective(["my_val"])

@@ -1,21 +1,25 @@
-"""``mergekit-pcb-tune`` as a user meets it: one-line errors, resume, extension, output."""
+"""``mergekit-pcb-tune`` as a user meets it: one-line errors, resume, extension, output,
+the progress bar."""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import ClassVar
 
 import click
 import matplotlib.figure
 import pytest
 from click.testing import CliRunner
 
-import mergekit_pcb.tune.search as search
+import mergekit_pcb.tune.driver as driver
+import mergekit_pcb.tune.job as job
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.tune.cli import main
-from mergekit_pcb.tune.search import HISTORY_FILE, SearchSettings, run_search
+from mergekit_pcb.tune.run_dir import HISTORY_FILE
+from mergekit_pcb.tune.search import SearchSettings
+from tests.bars import RecordingBar as _Bar
 from tests.conftest import write_config
+from tests.search_helpers import Bowl, run_test_search
 
 ROWS = "one JSON object per line, with 'prompt' and 'completion', or 'text'"
 
@@ -88,6 +92,7 @@ def test_every_option_has_help():
     assert "--debug" in CliRunner().invoke(main, ["--help"]).output
 
 
+@pytest.mark.slow
 def test_resume_extend_and_refuse_through_the_command(config, val, tmp_path, caplog, monkeypatch):
     titles = []
     savefig = matplotlib.figure.Figure.savefig
@@ -121,12 +126,11 @@ def test_resume_extend_and_refuse_through_the_command(config, val, tmp_path, cap
         f"Error: {out} holds a different tuning run (differs in: settings.seed 1 -> 2); "
         "use another output directory, or delete this one to start over"
     ]
-    import mergekit_pcb.tune.run as run
 
     def no_capture(*args, **kwargs):
         raise AssertionError("the budget is refused before any heavy work")
 
-    monkeypatch.setattr(run, "capture_contributions", no_capture)
+    monkeypatch.setattr(job, "capture_contributions", no_capture)
     fewer = CliRunner().invoke(main, [*base, "--budget", "6"])
     assert fewer.exit_code == 1
     assert _lines(fewer) == [
@@ -136,79 +140,46 @@ def test_resume_extend_and_refuse_through_the_command(config, val, tmp_path, cap
     assert (out / HISTORY_FILE).read_text().splitlines() == extended
 
 
-# --- the search itself, on a function of the weights (no models) ----------------------
-
-
-class _Bowl:
-    """A smooth objective with its minimum at ``centre``; counts its calls."""
-
-    def __init__(self, centre: tuple[float, float], stop_at: int | None = None):
-        self.centre, self.stop_at, self.calls = centre, stop_at, 0
-
-    def __call__(self, weights, timings) -> float:
-        self.calls += 1
-        if self.calls == self.stop_at:
-            raise KeyboardInterrupt
-        return sum((w - c) ** 2 for w, c in zip(weights, self.centre, strict=True))
-
-
-def _search(out, evaluate, budget: int, **settings):
-    return run_search(
-        evaluate,
-        2,
-        maximize=False,
-        out_dir=str(out),
-        identity={"objective": "bowl"},
-        settings=SearchSettings(budget=budget, popsize=4, seed=7, **settings),
-        quiet=True,
+@pytest.mark.slow
+def test_cli_with_builtin_loss_and_test_split(tune_config, tmp_path):
+    val, test = tmp_path / "val.jsonl", tmp_path / "test.jsonl"
+    val.write_text(
+        "".join(
+            json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(6)
+        )
     )
+    test.write_text("".join(json.dumps({"text": f"{i} apples"}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    args = [
+        tune_config,
+        str(out),
+        "--val",
+        str(val),
+        "--test",
+        str(test),
+        "--budget",
+        "9",
+        "--popsize",
+        "4",
+        "--combine",
+        "normalized",
+        "--quiet",
+        "--write-model",
+    ]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "normalized validation loss (lower is better) over 9 evaluations" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start"]["weights"] == [1.0, 1.0, 1.0]
+    assert {"score", "test_score"} <= summary["best"].keys()
+    assert (out / "merged" / "model.safetensors").exists()
+    assert len(json.loads((out / "reference_scores.json").read_text())) == 3
+
+    same = CliRunner().invoke(main, [tune_config, str(out), "--val", str(val), "--test", str(val)])
+    assert same.exit_code != 0 and "is also a validation file" in same.output
 
 
-def _trace(result) -> list[tuple[list[float], float | None]]:
-    return [(e.weights, e.score) for e in result.history]
-
-
-@pytest.mark.parametrize("interrupted", [False, True])
-def test_a_larger_budget_extends_a_run_as_if_it_had_been_given_at_once(tmp_path, interrupted):
-    straight = _search(tmp_path / "straight", _Bowl((1.3, 0.7)), budget=29)
-    assert len(straight.history) == 29  # the scale search (9) and 5 generations of 4
-
-    out = tmp_path / "extended"
-    if interrupted:
-        with pytest.raises(KeyboardInterrupt):
-            _search(out, _Bowl((1.3, 0.7), stop_at=11), budget=13)
-        done = 10
-    else:
-        done = len(_search(out, _Bowl((1.3, 0.7)), budget=13).history)
-        assert done == 13
-    again = _Bowl((1.3, 0.7))
-    extended = _search(out, again, budget=29)
-    assert again.calls == 29 - done  # nothing scored twice
-    assert _trace(extended) == _trace(straight)
-
-
-def test_the_result_counts_only_the_replayed_evaluations(tmp_path):
-    assert _search(tmp_path, _Bowl((1.3, 0.7)), budget=13).resumed == 0
-    assert _search(tmp_path, _Bowl((1.3, 0.7)), budget=17).resumed == 13
-
-
-class _Bar:
-    """Stands in for tqdm: records the total it is given and how far it got."""
-
-    made: ClassVar[list[_Bar]] = []
-
-    def __init__(self, *args, total: int | None = None, **kwargs):
-        self.first_total, self.total, self.n = total, total, 0
-        _Bar.made.append(self)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+# --- the progress bar of the search ---------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -216,17 +187,21 @@ class _Bar:
     [(13, {}), (30, {}), (100, {}), (12, {}), (30, {"lower": 0.1, "upper": 3.0})],
 )
 def test_the_progress_total_is_what_runs(tmp_path, monkeypatch, budget, settings):
-    monkeypatch.setattr(search, "tqdm", _Bar)
+    monkeypatch.setattr(driver, "tqdm", _Bar)
     _Bar.made.clear()
-    result = _search(tmp_path, _Bowl((1.3, 0.7)), budget=budget, **settings)
+    result = run_test_search(tmp_path, Bowl((1.3, 0.7)), _settings(budget, **settings))
     [bar] = _Bar.made
     assert bar.first_total == len(result.history) == bar.n
 
 
 @pytest.mark.parametrize("budget", [13, 16])
 def test_the_progress_total_is_what_runs_with_the_scale_on_its_edge(tmp_path, monkeypatch, budget):
-    monkeypatch.setattr(search, "tqdm", _Bar)
+    monkeypatch.setattr(driver, "tqdm", _Bar)
     _Bar.made.clear()
-    result = _search(tmp_path, _Bowl((20.0, 20.0)), budget=budget)  # best scale: 8, the edge
+    result = run_test_search(tmp_path, Bowl((20.0, 20.0)), _settings(budget))  # best scale: 8
     [bar] = _Bar.made
     assert bar.first_total == len(result.history) == bar.n
+
+
+def _settings(budget: int, **settings) -> SearchSettings:
+    return SearchSettings(budget=budget, popsize=4, seed=7, **settings)

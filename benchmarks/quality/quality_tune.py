@@ -2,7 +2,7 @@
 
 A tuned row starts from the config its method's grid chose (that row's ``run_merge``
 config: its lambda, its density, weight 1 for every model) and runs the tuner library
-(:func:`mergekit_pcb.tune.run.tune`) with the default search and only the budget and
+(:func:`mergekit_pcb.tune.job.tune`) with the default search and only the budget and
 seed set, so that every tuned method gets the same search. That default is
 scale-aware: it first tries the config's weights times a common scale (1/8 to 8),
 then CMA-ES in a box relative to the best scaled start. The common scale matters for
@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
+from mergekit_pcb.tune.job import tune
 from mergekit_pcb.tune.objectives import UserObjective
-from mergekit_pcb.tune.run import tune
 from mergekit_pcb.tune.search import SearchSettings
 
 LOG = logging.getLogger(__name__)

@@ -8,16 +8,23 @@ first imported, right after which ``pcb`` is registered. Interpreter start-up
 therefore pays for a few attribute look-ups, not for importing torch.
 
 This file is installed at the top of site-packages (see pyproject.toml), so it
-must not import anything beyond the standard library at module level.
+must not import anything beyond the standard library at module level. The package
+imports it too, as ``mergekit_pcb._hook._mergekit_pcb_startup``, where no start-up
+file ran (the checkout on ``PYTHONPATH``): the two copies are distinct modules, so a
+hook is recognised by a marker attribute rather than by its class, and one is
+installed at most.
 """
 
 import sys
 
 _TARGET = "mergekit.merge_methods"
+_MARKER = "registers_mergekit_pcb"
 
 
 class _RegisterPCBOnImport:
     """Meta-path finder that wraps the loader of ``mergekit.merge_methods``."""
+
+    registers_mergekit_pcb = True
 
     def find_spec(self, name, path=None, target=None):
         if name != _TARGET:
@@ -41,7 +48,9 @@ class _RegisterPCBOnImport:
 
 def _register():
     try:
-        import mergekit_pcb  # noqa: F401  (registers ``pcb`` on import)
+        from mergekit_pcb.method import register
+
+        register()  # idempotent
     except Exception as error:  # never break mergekit because of the plugin
         import logging
 
@@ -51,14 +60,14 @@ def _register():
 
 
 def _uninstall():
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterPCBOnImport)]
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, _MARKER, False)]
 
 
 def install():
     """Install the hook, or register at once if mergekit is already imported."""
     if _TARGET in sys.modules:
         _register()
-    elif not any(isinstance(f, _RegisterPCBOnImport) for f in sys.meta_path):
+    elif not any(getattr(f, _MARKER, False) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterPCBOnImport())
 
 

@@ -9,12 +9,12 @@ config; the copy's ``merge_group`` hands the group to the method's decomposition
 :class:`~mergekit_pcb.tune.contributions.Contributions`.
 
 Methods whose merge is linear in the per-model weights, and their decomposition
-``anchor + lam * sum_i w_i c_i / D(w)``:
+``base + lam * sum_i w_i c_i / D(w)``:
 
 * ``pcb``: ``c_i = s_i Tc_i / max(sum_j s_j, eps)`` (steps 1-5 do not see the weights);
 * ``task_arithmetic``: ``c_i = theta_i - theta_base`` in the merge dtype, as mergekit
   takes it; ``D = sum_i w_i`` when ``normalize: true``;
-* ``linear``: ``c_i = theta_i``, no anchor; ``D = sum_i w_i`` when ``normalize: true``
+* ``linear``: ``c_i = theta_i``, no base; ``D = sum_i w_i`` when ``normalize: true``
   (its default).
 """
 
@@ -36,11 +36,12 @@ from mergekit.options import MergeOptions
 from tqdm import tqdm
 
 from mergekit_pcb import _mergekit_compat as compat
-from mergekit_pcb.core import SCALE_SUM_EPS, balanced_rows
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.method import METHOD_NAME, naming_non_finite_inputs, prepare_group
+from mergekit_pcb.pcb import undivided_contributions
 from mergekit_pcb.tune.compact import CompactRow, compact
-from mergekit_pcb.tune.contributions import Contributions, DiskStore, Placement, TensorTerms
+from mergekit_pcb.tune.contributions import Contributions, DiskStore, TensorTerms
+from mergekit_pcb.tune.placement import Placement, place
 
 LOG = logging.getLogger(__name__)
 
@@ -63,18 +64,20 @@ def _pcb_terms(group: TensorGroup, parameters: dict, model_index: Mapping[str, i
         terms = TensorTerms(base.shape, base, parameters["lambda"], (), {})
         return terms, {}
     inputs = prepare_group(group, parameters)
-    base32 = inputs.base.reshape(-1).to(torch.float32)
-    kept: dict[int, CompactRow] = {}
-    scale_sum = torch.zeros_like(base32)
+
+    def keep(_model: int, row: torch.Tensor) -> CompactRow:
+        return compact(row)  # copies s_i * Tc_i out of its work buffer
+
     with naming_non_finite_inputs(group):
-        for i, clamped, scale in balanced_rows(
-            base32, inputs.finetuned, inputs.densities, inputs.options, inputs.stats
-        ):
-            # s_i * Tc_i in Tc_i's work buffer; compact() copies it out.
-            kept[members[i]] = compact(clamped.mul_(scale))
-            scale_sum.add_(scale)
-    scale_sum.clamp_(min=SCALE_SUM_EPS)
-    rows = {index: row.divided(scale_sum) for index, row in kept.items()}
+        undivided = undivided_contributions(
+            inputs.base,
+            inputs.finetuned,
+            densities=inputs.densities,
+            keep=keep,
+            options=inputs.options,
+            stats=inputs.stats,
+        )
+    rows = {members[i]: row.divided(undivided.scale_sum) for i, row in undivided.rows.items()}
     terms = TensorTerms(base.shape, base, inputs.lam, members, rows)
     return terms, dict(zip(members, inputs.weights, strict=True))
 
@@ -184,13 +187,8 @@ class _Collector:
     def keep(self, name: str, terms: TensorTerms, weights: dict[int, float]) -> None:
         device = torch.device(self.devices.get(name, self.default_device))
         with self.lock:
-            # The base (anchor) goes with its rows: a candidate needs both in one place.
-            target = self.placement.choose(terms.nbytes, device)
-            if target == "disk":
-                assert self.disk is not None
-                self.terms[name] = self.disk.add(name, terms)
-            else:
-                self.terms[name] = terms.to(target)
+            # Copied even where they are: the base is mergekit's own tensor.
+            self.terms[name] = place(self.placement, name, terms, device, self.disk, copy=True)
             for index, weight in weights.items():
                 self.weights.setdefault(index, set()).add(float(weight))
 
@@ -267,7 +265,7 @@ def capture_contributions(
     LOG.info(
         "contributions: %d bytes, %.3f bytes per parameter per model; with the base, "
         "%d bytes stored: %s",
-        contributions.nbytes,
+        contributions.row_bytes,
         contributions.bytes_per_parameter_per_model,
         contributions.stored_bytes,
         placement.describe(),

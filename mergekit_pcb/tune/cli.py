@@ -1,7 +1,7 @@
 """``mergekit-pcb-tune``: search the per-model ``weight`` of a linear merge config.
 
-A thin command over :func:`mergekit_pcb.tune.run.tune`: it parses the options,
-builds the objective, and prints the result. Defaults are
+A thin command over :func:`mergekit_pcb.tune.job.tune`: it parses the options,
+builds the objective (``objective_options.py``), and prints the result. Defaults are
 :class:`~mergekit_pcb.tune.search.SearchSettings`'s.
 """
 
@@ -9,93 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 
 import click
 
 from mergekit_pcb.cli import DEBUG_HELP, reported_errors
-from mergekit_pcb.tune import objectives
+from mergekit_pcb.tune.job import tune
+from mergekit_pcb.tune.objective_options import ObjectiveOptions, objective_options
 from mergekit_pcb.tune.parallel import ray_workers
-from mergekit_pcb.tune.run import sha256_file, tune
 from mergekit_pcb.tune.search import SearchSettings
 
 DEFAULTS = SearchSettings()
 
 
-def check_apart(val: Sequence[str], test: Sequence[str]) -> None:
-    """Refuse a test file that is also a validation file (by path or by content)."""
-    val_ids = {os.path.realpath(p): sha256_file(p) for p in val}
-    for path in test:
-        if os.path.realpath(path) in val_ids or sha256_file(path) in val_ids.values():
-            raise ValueError(
-                f"test file {path} is also a validation file: tune on validation data only"
-            )
-
-
-def build_objective(
-    kind: str,
-    val: Sequence[str],
-    combine: str,
-    function: str | None,
-    maximize: bool | None,
-    lm_eval_tasks: Sequence[str],
-    lm_eval_limit: int | None,
-) -> objectives.Objective:
-    normalized = combine == "normalized"
-    if kind in ("loss", "exact-match"):
-        if not val:
-            raise ValueError(f"--objective {kind} needs at least one --val FILE")
-        make = objectives.validation_loss if kind == "loss" else objectives.validation_exact_match
-        return make(val, normalized)
-    if kind == "function":
-        if not function or maximize is None:
-            raise ValueError(
-                "--objective function needs --function pkg.module:function and "
-                "--maximize or --minimize"
-            )
-        return objectives.load_user_objective(function, maximize)
-    if not lm_eval_tasks:
-        raise ValueError("--objective lm-eval needs at least one --lm-eval-task")
-    return objectives.LmEvalObjective(lm_eval_tasks, lm_eval_limit)
-
-
 @click.command("mergekit-pcb-tune")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option(
-    "--objective",
-    "kind",
-    type=click.Choice(["loss", "exact-match", "function", "lm-eval"]),
-    default="loss",
-    show_default=True,
-    help="loss: lower is better; exact-match, lm-eval: higher is better; "
-    "function: as --maximize/--minimize say",
-)
-@click.option(
-    "--val",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="validation JSONL file, one per task (prompt/completion or text rows)",
-)
-@click.option(
-    "--test",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="test JSONL file: scored for the start and the best only, never searched on",
-)
-@click.option(
-    "--combine",
-    type=click.Choice(["mean", "normalized"]),
-    default="mean",
-    show_default=True,
-    help="normalized: each task divided by the best fine-tune's score",
-)
-@click.option("--function", help="pkg.module:function(model, tokenizer) -> float")
-@click.option("--maximize/--minimize", default=None, help="direction of --function")
-@click.option("--lm-eval-task", multiple=True, help="lm-evaluation-harness task (validation!)")
-@click.option(
-    "--lm-eval-limit", type=int, default=None, help="score at most this many rows per task"
-)
+@objective_options
 @click.option(
     "--start",
     type=float,
@@ -186,7 +115,7 @@ def build_objective(
     type=click.IntRange(min=1),
     default=None,
     help="evaluate each generation's candidates in parallel on N Ray actors, one GPU each "
-    "where the cluster has GPUs, else one CPU each (pip install 'mergekit-pcb[ray]'); "
+    "where the cluster has GPUs, else one CPU each (needs Ray: pip install 'ray[default]>=2.9'); "
     "the driver's own copy (capture, test scores) stays on --device  [default: no Ray]",
 )
 @click.option(
@@ -200,14 +129,7 @@ def build_objective(
 def main(
     config_file: str,
     out_dir: str,
-    kind: str,
-    val: tuple[str, ...],
-    test: tuple[str, ...],
-    combine: str,
-    function: str | None,
-    maximize: bool | None,
-    lm_eval_task: tuple[str, ...],
-    lm_eval_limit: int | None,
+    objective_spec: ObjectiveOptions,
     start: float | None,
     lower_factor: float,
     upper_factor: float,
@@ -246,23 +168,9 @@ def main(
             budget=budget,
             seed=seed,
         )
-        check_apart(val, test)
-        objective = build_objective(
-            kind, val, combine, function, maximize, lm_eval_task, lm_eval_limit
-        )
-        if test and kind not in ("loss", "exact-match"):
-            raise ValueError("--test files are scored with --objective loss or exact-match")
-        # Test files are only reported (plain mean), for the start and the best candidate.
-        test_objective = build_objective(kind, test, "mean", None, None, (), None) if test else None
-        identity_objective = {
-            "kind": kind,
-            "combine": combine,
-            "function": function,
-            "maximize": maximize,
-            "val": [{"path": p, "sha256": sha256_file(p)} for p in val],
-            "lm_eval_tasks": list(lm_eval_task),
-        }
-        with ray_workers(workers, objective, ray_address) as evaluator:
+        objective, test_objective = objective_spec.build()
+        identity_objective = objective_spec.identity()
+        with ray_workers(workers, objective, ray_address) as make_evaluator:
             result = tune(
                 config_file,
                 out_dir,
@@ -275,7 +183,7 @@ def main(
                 device_map=device_map,
                 write_model=write_model,
                 quiet=quiet,
-                evaluator=evaluator,
+                make_evaluator=make_evaluator,
             )
     direction = "higher" if objective.maximize else "lower"
     # Also said in the output, which --quiet keeps (the search logs it as it starts).

@@ -2,18 +2,18 @@
 
 For every method the tuner accepts, each tensor of the merge is
 
-    theta(w) = anchor + lam * sum_i w_i c_i / D(w)
+    theta(w) = base + lam * sum_i w_i c_i / D(w)
 
 with ``D(w) = 1``, or ``sum_i w_i`` over the models present in the tensor when the
 method normalises (``task_arithmetic``/``linear`` with ``normalize: true``). A
-:class:`TensorTerms` holds one tensor's ``anchor``, ``lam``, the models present and
+:class:`TensorTerms` holds one tensor's ``base``, ``lam``, the models present and
 their contributions ``c_i`` as :class:`~mergekit_pcb.tune.compact.CompactRow`;
 :class:`Contributions` holds every tensor's and writes the merge for any weights
 into a live model: a few streaming adds per tensor, no disk writes, no re-balancing.
 
-Where they live (:class:`Placement`): beside the parameter they update (its GPU, or
-the CPU), else in CPU memory, else in safetensors shards on disk, read back
-(memory-mapped) tensor by tensor for every candidate.
+Where they live (``placement.py`` chooses): beside the parameter they update (its GPU,
+or the CPU), else in CPU memory, else in safetensors shards on disk (:class:`DiskStore`),
+read back (memory-mapped) tensor by tensor for every candidate.
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_pcb.tune.compact import CompactRow
+
+if TYPE_CHECKING:
+    from mergekit_pcb.tune.placement import Placement
 
 LOG = logging.getLogger(__name__)
 
@@ -40,12 +42,11 @@ _SHARD_BYTES = 1 << 30
 _GUARD = 1e-8
 
 Normalize = Literal["none", "guarded", "plain"]
-PlacementMode = Literal["auto", "device", "cpu", "disk"]
 
 
 @dataclass
 class TensorTerms:
-    """One tensor: ``anchor + lam * sum_i w_i c_i / D(w)`` (see the module docstring).
+    """One tensor: ``base + lam * sum_i w_i c_i / D(w)`` (see the module docstring).
 
     ``rows`` maps a model's index to its contribution; a model present in the tensor
     but absent from ``rows`` contributes zero (it left the tensor unchanged).
@@ -54,12 +55,12 @@ class TensorTerms:
     """
 
     shape: torch.Size
-    anchor: torch.Tensor | None
+    base: torch.Tensor | None  # the base model's tensor (None: linear, which has none)
     lam: float
     members: tuple[int, ...]
     rows: dict[int, CompactRow]
     normalize: Normalize = "none"
-    on_disk: bool = False  # rows and anchor are in the disk shards (here: placeholders)
+    on_disk: bool = False  # rows and base are in the disk shards (here: placeholders)
     #: Set for ``task_arithmetic`` in bf16/fp16: mergekit then computes in that dtype,
     #: rounding at every step, and a candidate must round the same way to equal it.
     half_precision: torch.dtype | None = None
@@ -69,16 +70,17 @@ class TensorTerms:
         return self.shape.numel()
 
     @property
-    def nbytes(self) -> int:
-        """Bytes stored for this tensor: its rows and its anchor."""
-        anchor = 0 if self.anchor is None else self.anchor.numel() * self.anchor.element_size()
-        return anchor + sum(row.nbytes for row in self.rows.values())
+    def stored_bytes(self) -> int:
+        """Bytes stored for this tensor: its rows and its base."""
+        base = 0 if self.base is None else self.base.numel() * self.base.element_size()
+        return base + sum(row.nbytes for row in self.rows.values())
 
-    def to(self, device: torch.device | str) -> TensorTerms:
-        """These terms with the rows and the anchor on ``device`` (a copy)."""
-        anchor = None if self.anchor is None else self.anchor.to(device, copy=True)
+    def to(self, device: torch.device | str, copy: bool = True) -> TensorTerms:
+        """These terms with the rows and the base on ``device``; ``copy``: the base is
+        copied even where it is on ``device`` already."""
+        base = None if self.base is None else self.base.to(device, copy=copy)
         rows = {index: row.to(device) for index, row in self.rows.items()}
-        return replace(self, anchor=anchor, rows=rows)
+        return replace(self, base=base, rows=rows)
 
     def divisor(self, weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
         """``D(w)`` as mergekit computes it: the weights' sum in ``dtype``."""
@@ -86,50 +88,6 @@ class TensorTerms:
         if self.normalize == "guarded" and total.abs() < _GUARD:
             return torch.ones((), dtype=dtype)
         return total
-
-
-@dataclass
-class Placement:
-    """Chooses where each tensor's contributions live, within byte budgets per device.
-
-    ``mode``: ``device`` keeps them beside their parameter, ``cpu`` in CPU memory,
-    ``disk`` on disk; ``auto`` beside the parameter while that device's budget lasts,
-    then in CPU memory while its budget lasts, then on disk.
-    """
-
-    mode: PlacementMode = "auto"
-    budgets: dict[str, int] = field(default_factory=dict)  # bytes left, per device name
-    used: Counter = field(default_factory=Counter)
-
-    def choose(self, nbytes: int, device: torch.device | str) -> str:
-        """A device name (``cuda:0``, ``cpu``) or ``disk`` for ``nbytes`` of rows."""
-        device = str(device)
-        if self.mode == "disk":
-            target = "disk"
-        elif self.mode == "cpu":
-            target = "cpu"
-        elif self.mode == "device":
-            target = device
-        else:
-            target = next(
-                (d for d in dict.fromkeys((device, "cpu")) if self.budgets.get(d, 0) >= nbytes),
-                "disk",
-            )
-        if target in self.budgets:
-            self.budgets[target] -= nbytes
-        self.used[target] += nbytes
-        return target
-
-    def describe(self) -> str:
-        parts = [f"{_gib(n)} on {where}" for where, n in sorted(self.used.items()) if n]
-        left = [
-            f"{_gib(n)} left free on {d}" for d, n in sorted(self.budgets.items()) if d != "cpu"
-        ]
-        return ", ".join(parts + left) or "nothing stored"
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
 
 
 class DiskStore:
@@ -148,15 +106,15 @@ class DiskStore:
         """Store ``terms``; return placeholders (``meta`` tensors) that stand for them."""
         for key, tensor in self._tensors(name, terms):
             self.pending[key] = tensor.contiguous().cpu()
-        self.pending_bytes += terms.nbytes
+        self.pending_bytes += terms.stored_bytes
         if self.pending_bytes >= _SHARD_BYTES:
             self.flush()
         return replace(terms.to("meta"), on_disk=True)
 
     @staticmethod
     def _tensors(name: str, terms: TensorTerms):
-        if terms.anchor is not None:
-            yield f"{name}|anchor", terms.anchor
+        if terms.base is not None:
+            yield f"{name}|base", terms.base
         for index, row in terms.rows.items():
             yield f"{name}|{index}|values", row.values
             if row.gaps is not None:
@@ -175,13 +133,13 @@ class DiskStore:
     def load(self, name: str, terms: TensorTerms, device: torch.device) -> TensorTerms:
         """The stored terms for the placeholders ``terms``, read onto ``device``."""
         with self._lock:
-            anchor = None if terms.anchor is None else self._get(f"{name}|anchor", device)
+            base = None if terms.base is None else self._get(f"{name}|base", device)
             rows = {}
             for index, row in terms.rows.items():
                 gaps = None if row.gaps is None else self._get(f"{name}|{index}|gaps", device)
                 values = self._get(f"{name}|{index}|values", device)
                 rows[index] = CompactRow(row.numel, values, gaps)
-        return replace(terms, anchor=anchor, rows=rows, on_disk=False)
+        return replace(terms, base=base, rows=rows, on_disk=False)
 
     def _get(self, key: str, device: torch.device) -> torch.Tensor:
         handle_key = (self.location[key], str(device))
@@ -220,19 +178,19 @@ class Contributions:
         return len(self.model_names)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of the stored contributions (rows only: not the anchors)."""
+    def row_bytes(self) -> int:
+        """Bytes of the stored contributions (the rows only: not the bases)."""
         return sum(row.nbytes for terms in self.terms.values() for row in terms.rows.values())
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes stored in all: the contributions and the anchors (the base)."""
-        return sum(terms.nbytes for terms in self.terms.values())
+        """Bytes stored in all: the contributions and the base's tensors."""
+        return sum(terms.stored_bytes for terms in self.terms.values())
 
     @property
     def bytes_per_parameter_per_model(self) -> float:
         parameters = sum(terms.numel for terms in self.terms.values())
-        return self.nbytes / max(1, parameters * self.n_models)
+        return self.row_bytes / max(1, parameters * self.n_models)
 
     def _terms_on(self, name: str, device: torch.device) -> TensorTerms:
         """Tensor ``name``'s terms on ``device`` (read from disk, or moved, if need be)."""
@@ -241,13 +199,13 @@ class Contributions:
             assert self.disk is not None
             return self.disk.load(name, terms, device)
         # Terms kept in CPU memory for a parameter on a GPU travel to it per candidate.
-        if terms.anchor is not None and terms.anchor.device != device:
+        if terms.base is not None and terms.base.device != device:
             return terms.to(device)
         if any(row.device != device for row in terms.rows.values()):
             return terms.to(device)
         return terms
 
-    def merge_into(self, name: str, weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:
+    def write_tensor(self, name: str, weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:
         """Write tensor ``name``'s merge for ``weights`` into the flat float32 ``out``."""
         terms = self._terms_on(name, out.device)
         if terms.half_precision is not None:
@@ -261,18 +219,18 @@ class Contributions:
             out.div_(terms.divisor(weights, torch.float32).to(out.device))
         if terms.lam != 1:
             out.mul_(terms.lam)
-        if terms.anchor is not None:
-            _add_converted(out, terms.anchor.reshape(-1))
+        if terms.base is not None:
+            _add_converted(out, terms.base.reshape(-1))
         return out
 
     def merged_tensor(self, name: str, weights: Sequence[float]) -> torch.Tensor:
         """Tensor ``name`` of the merge for ``weights``, float32, on its rows' device."""
         terms = self.terms[name]
         rows = list(terms.rows.values())
-        stored = terms.anchor if terms.anchor is not None else rows[0].values if rows else None
+        stored = terms.base if terms.base is not None else rows[0].values if rows else None
         device = "cpu" if stored is None or stored.device.type == "meta" else stored.device
         out = torch.empty(terms.numel, dtype=torch.float32, device=device)
-        return self.merge_into(name, weights, out).reshape(terms.shape)
+        return self.write_tensor(name, weights, out).reshape(terms.shape)
 
     def apply(self, model: torch.nn.Module, weights: Sequence[float]) -> None:
         """Write the merge for ``weights`` (one per model) into ``model`` in place."""
@@ -293,7 +251,7 @@ class Contributions:
                         device=target.device,
                     )
                     scratch[target.device] = buffer
-                out = self.merge_into(name, weights, buffer[: terms.numel])
+                out = self.write_tensor(name, weights, buffer[: terms.numel])
                 target.copy_(out.view(terms.shape))
 
     def scorer(
@@ -334,7 +292,7 @@ def _add_converted(out: torch.Tensor, other: torch.Tensor) -> None:
 
     On the CPU torch's add of a bf16 tensor into a float32 one runs element by element,
     several times slower than a conversion and a float32 add (16.8M entries on 2
-    cores: 28 ms against 7), and the anchor add was about 40% of a candidate. So a
+    cores: 28 ms against 7), and the base's add was about 40% of a candidate. So a
     CPU ``other`` of another dtype is converted a chunk at a time into a small buffer;
     the sum is the same, float32 holding every bf16/fp16 value exactly.
     """
@@ -367,7 +325,7 @@ def _task_arithmetic_in(
         mixed /= terms.divisor(weights, dtype).to(out.device)
     if terms.lam != 1:
         mixed *= terms.lam
-    return out.copy_(terms.anchor.reshape(-1) + mixed)
+    return out.copy_(terms.base.reshape(-1) + mixed)
 
 
 def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

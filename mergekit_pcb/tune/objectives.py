@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mergekit_pcb.tune.search import best_of
+from mergekit_pcb.tune.records import best_of
 
 LOG = logging.getLogger(__name__)
 
@@ -285,8 +285,8 @@ class LmEvalObjective:
             import lm_eval  # noqa: F401
         except ImportError as error:
             raise ImportError(
-                "lm-evaluation-harness objectives need the optional extra: "
-                "pip install 'mergekit-pcb[lm-eval]'"
+                "lm-evaluation-harness objectives need lm_eval, which is not installed: "
+                "pip install 'lm_eval>=0.4'"
             ) from error
         for task in self.tasks:
             if any(hint in task.lower() for hint in _PUBLIC_BENCHMARK_HINTS):

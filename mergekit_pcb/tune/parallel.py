@@ -1,11 +1,11 @@
 """The candidates of each batch evaluated in parallel by Ray actors (``--workers N``).
 
 :class:`RayWorkers` is a context manager around a Ray cluster and a pool of actors;
-it is also the ``evaluator`` factory that :func:`mergekit_pcb.tune.run.tune` calls
-with the captured contributions, the live model and the tokenizer::
+it is also the ``make_evaluator`` factory that :func:`mergekit_pcb.tune.job.tune`
+calls with the captured contributions, the live model and the tokenizer::
 
-    with RayWorkers(2, objective) as evaluator:
-        tune(config, out_dir, objective, settings, evaluator=evaluator)
+    with RayWorkers(2, objective) as make_evaluator:
+        tune(config, out_dir, objective, settings, make_evaluator=make_evaluator)
 
 * **Cluster.** ``address=None`` starts a local Ray cluster, shut down on leaving
   (also on Ctrl-C or an error); an address joins that cluster, which is left running.
@@ -16,15 +16,16 @@ with the captured contributions, the live model and the tokenizer::
   the fixed tensors, the tokenizer and the objective then go into Ray's object
   store once (``ray.put``); every actor reads them from there, loads the base model
   from its path on its own device (one GPU each when the cluster has GPUs, else
-  the CPU) and places the contributions as the serial tuner would (``auto``: beside
-  the parameters while they fit, then CPU memory). Terms that the driver put on
-  disk are read from the same files, so such a run needs the workers on the
-  driver's machine (or a shared file system). The set-up time is measured and
-  logged apart from the evaluations (:attr:`RayWorkers.setup`).
+  the CPU) and places the contributions as the serial tuner does (the same
+  :func:`~mergekit_pcb.tune.placement.place`; ``auto``: beside the parameters while
+  they fit, then CPU memory). Terms that the driver put on disk are read from the
+  same files, so such a run needs the workers on the driver's machine (or a shared
+  file system). The set-up time is measured and logged apart from the evaluations
+  (:attr:`RayWorkers.setup`).
 * **Evaluation.** An actor scores a candidate with
-  :func:`~mergekit_pcb.tune.search.evaluate_candidate`, as the serial tuner does,
+  :func:`~mergekit_pcb.tune.records.evaluate_candidate`, as the serial tuner does,
   so errors, non-finite scores and timings are recorded the same way. Finished
-  evaluations are yielded as they come (the search writes them to ``history.jsonl``
+  evaluations are yielded as they come (the driver writes them to ``history.jsonl``
   at once and orders rows by candidate index when reading), so the search, its
   history and its outputs are the serial run's.
 * **A worker that dies** (its process killed, out of memory, its node lost): it is
@@ -56,11 +57,11 @@ import torch
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.tune.contributions import Contributions, DiskStore, TensorTerms
 from mergekit_pcb.tune.objectives import Objective
-from mergekit_pcb.tune.search import Candidate, Evaluation, evaluate_candidate
+from mergekit_pcb.tune.records import Candidate, Evaluation, Outcome, evaluate_candidate
 
 LOG = logging.getLogger(__name__)
 
-RAY_MISSING = "--workers needs Ray, an optional extra: pip install 'mergekit-pcb[ray]'"
+RAY_MISSING = "--workers needs Ray, which is not installed: pip install 'ray[default]>=2.9'"
 #: How often the set-up says that it still waits for actors to be placed.
 _PLACEMENT_NOTICE_S = 60.0
 
@@ -97,15 +98,17 @@ class _Payload:
     objective: Objective
 
     @property
-    def nbytes(self) -> int:
-        terms = sum(t.nbytes for t in self.terms.values() if not t.on_disk)
+    def shipped_bytes(self) -> int:
+        """Bytes of tensors shipped: the terms in memory (with their base) and the fixed
+        tensors; terms on disk travel as placeholders."""
+        terms = sum(t.stored_bytes for t in self.terms.values() if not t.on_disk)
         return terms + sum(t.numel() * t.element_size() for t in self.fixed.values())
 
 
 def _on_cpu(terms: TensorTerms) -> bool:
     tensors = [row.values for row in terms.rows.values()]
-    if terms.anchor is not None:
-        tensors.append(terms.anchor)
+    if terms.base is not None:
+        tensors.append(terms.base)
     return all(t.device.type == "cpu" for t in tensors)
 
 
@@ -153,7 +156,7 @@ class Worker:
     """
 
     def __init__(self, payload: _Payload | None = None):
-        from mergekit_pcb.tune import run  # noqa: F401  (transformers and mergekit, now)
+        from mergekit_pcb.tune import job  # noqa: F401  (mergekit and transformers, now)
 
         if payload is not None:
             self.setup(payload)
@@ -162,7 +165,8 @@ class Worker:
         import ray
         from transformers.utils import logging as transformers_logging
 
-        from mergekit_pcb.tune.run import load_model, placement_for
+        from mergekit_pcb.tune.live_model import load_model
+        from mergekit_pcb.tune.placement import place, placement_for
 
         began = time.perf_counter()
         # Every worker's loading bar would reach the driver's terminal, interleaved.
@@ -182,16 +186,14 @@ class Worker:
                 )
             disk = DiskStore(payload.disk_directory)
             disk.location = dict(payload.disk_location)
-        # Placed as the serial tuner places them, within this worker's own budgets.
+        # Placed as the serial tuner places them, within this worker's own budgets; the
+        # payload's terms are this process's own (no copy where they are), and it writes
+        # no shards (terms placed on "disk" stay in its memory).
         placement = placement_for(payload.placement_mode, [self.device])
-        terms = {}
-        for name, t in payload.terms.items():
-            if t.on_disk:
-                terms[name] = t
-                continue
-            target = placement.choose(t.nbytes, self.device)
-            # "disk": they are in this process's memory already; keep them there.
-            terms[name] = t if target in ("cpu", "disk") else t.to(target)
+        terms = {
+            name: place(placement, name, t, self.device, None, copy=False)
+            for name, t in payload.terms.items()
+        }
         contributions = Contributions(
             payload.model_names,
             payload.method,
@@ -321,7 +323,7 @@ class _Attempt:
 
 
 class RayEvaluator:
-    """A :class:`~mergekit_pcb.tune.search.BatchEvaluator` over a pool of Ray actors.
+    """A :class:`~mergekit_pcb.tune.records.BatchEvaluator` over a pool of Ray actors.
 
     A slot is idle, busy with a candidate, or starting (a replacement actor, which
     takes candidates once it is set up: a retry goes to a worker that is ready).
@@ -431,20 +433,12 @@ class RayEvaluator:
 
 
 def _failed(attempt: _Attempt, error: str) -> Evaluation:
-    candidate = attempt.candidate
-    return Evaluation(
-        index=candidate.index,
-        weights=list(candidate.weights),
-        score=None,
-        seconds=time.perf_counter() - attempt.began,
-        objective_seconds=0.0,
-        error=error,
-        phase=candidate.phase,
-    )
+    """The candidate scored as failed, for a reason of Ray's rather than the objective's."""
+    return attempt.candidate.recorded(Outcome.failed(error, time.perf_counter() - attempt.began))
 
 
 class RayWorkers:
-    """A Ray cluster and ``workers`` actors; the ``evaluator`` factory for ``tune()``.
+    """A Ray cluster and ``workers`` actors; the ``make_evaluator`` factory for ``tune()``.
 
     Entering connects to (or starts) the cluster and starts the actors, which load
     their libraries while ``tune()`` captures the contributions; calling it (as
@@ -548,7 +542,7 @@ class RayWorkers:
             "%.1f s, %d workers (%s; torch threads %s) ready %.1f s later",
             self.setup["total"],
             self.setup["cluster"],
-            payload.nbytes / 2**20,
+            payload.shipped_bytes / 2**20,
             self.setup["ship"],
             self.workers,
             ", ".join(f"{n} on {d}" for d, n in devices.items()),

@@ -1,52 +1,46 @@
-"""The search over the per-model weights, with a resumable history on disk.
+"""The search over the per-model weights, in ask/tell form: :class:`WeightSearch`.
 
-The search is independent of models: it asks for candidates to be scored, in
-batches, and knows whether higher is better (:func:`is_better`, the one definition).
+The search is independent of models and files: it asks for batches of candidates
+(:meth:`WeightSearch.ask`), is told their evaluations (:meth:`WeightSearch.tell`), and
+knows whether higher is better. Its caller owns the loop, and with it the history on
+disk and the evaluation (``driver.py``).
 
-1. **Scale.** LLM merges often want a common weight far from 1 (a six-expert ``pcb``
-   merge did best at 0.375; ``task_arithmetic``'s weights add up). So the search first
-   scores the start weights ``w0`` (the config's own) times a common scale on a log
-   grid over ``[scale_min, scale_max]`` (1/8 to 8: seven points, 1 among them), then
+1. **Common scale.** LLM merges often want a common weight far from 1 (a six-expert
+   ``pcb`` merge did best at 0.375; ``task_arithmetic``'s weights add up). So the search
+   first scores the start weights ``w0`` (the config's own) times a common scale on a
+   log grid over ``[scale_min, scale_max]`` (1/8 to 8: seven points, 1 among them), then
    two points beside the best (its geometric midpoints with its neighbours, or two
    points towards its one neighbour at an edge): nine evaluations.
 2. **Per model.** CMA-ES (pycma, ask/tell, real bounds) over one weight per model,
-   in coordinates relative to the best scaled start ``s* w0``: the box is
-   ``[lower_factor, upper_factor] x s* w0`` (0.5 to 3, the paper's NLP box when the
-   start is 1), ``sigma0`` is in units of the start. With absolute ``lower``/``upper``
-   the search runs in plain weights from the start (the paper's form) and skips step 1.
+   in coordinates relative to the scaled start ``s* w0`` (``s*`` the best common
+   scale): the box is ``[lower_factor, upper_factor] x s* w0`` (0.5 to 3, the paper's
+   NLP box when the start is 1), ``sigma0`` is in units of the start. With absolute
+   ``lower``/``upper`` the search runs in plain weights from the start (the paper's
+   form) and skips step 1.
 
-A best weight on the edge of its box (or a best scale at the edge of the scale
+A best weight on the edge of its box (or a best common scale at the edge of the scale
 range) is reported, with the option that widens it.
 
-Every evaluation is appended to ``history.jsonl`` as it finishes (flushed at once),
-so an interrupted run loses nothing; rerunning the same command replays the recorded
-scores through the same seeded search, which therefore asks for the same candidates,
-and carries on. A larger budget extends a finished run the same way. ``run.json``
-identifies the run (config, objective, settings); a different run is refused, naming
-what differs. Candidates of one batch are independent: an evaluator may score them
-in parallel (rows are then written as they finish, and sorted by index when read).
+The search is deterministic for a seed: told the same scores, it asks for the same
+candidates, which is what lets a rerun replay a recorded history and carry on.
+Candidates of one batch are independent, so they may be scored in parallel; they are
+told back in any order.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import cma
 import numpy as np
-from tqdm import tqdm
+
+from mergekit_pcb.errors import ConfigError
+from mergekit_pcb.tune.records import Candidate, Evaluation, is_better
 
 LOG = logging.getLogger(__name__)
-
-HISTORY_FILE = "history.jsonl"
-RUN_FILE = "run.json"
 
 #: Scale grid points per side of 1, and the midpoints tried beside the best.
 _SCALE_STEPS = 3
@@ -55,22 +49,6 @@ SCALE_EVALUATIONS = 1 + 2 * _SCALE_STEPS + 2
 #: maps its samples smoothly into the box, so an optimum beyond an edge leaves the best
 #: candidates near the edge rather than exactly on it.
 _ON_BOUND = 0.1
-
-
-def is_better(a: float, b: float | None, maximize: bool) -> bool:
-    """Whether score ``a`` beats ``b`` (None: no score yet)."""
-    return b is None or (a > b if maximize else a < b)
-
-
-def best_of(scores: Iterable[float], maximize: bool) -> float:
-    """The best of ``scores`` by :func:`is_better`."""
-    best = None
-    for score in scores:
-        if is_better(score, best, maximize):
-            best = score
-    if best is None:
-        raise ValueError("no scores")
-    return best
 
 
 @dataclass(frozen=True)
@@ -137,30 +115,6 @@ def _check_interval(what: str, low: float, high: float) -> None:
 
 
 @dataclass
-class Evaluation:
-    """One scored candidate: its weights, score (None if it failed) and timings."""
-
-    index: int
-    weights: list[float]
-    score: float | None
-    seconds: float
-    objective_seconds: float
-    error: str | None = None
-    phase: str = "cma"  # "start", "scale" (the common-scale search) or "cma"
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass(frozen=True)
-class Candidate:
-    index: int
-    weights: list[float]
-    phase: str = "cma"
-
-
-@dataclass
 class BoundHit:
     """A best weight (or scale) on the edge of its search box, and how to widen it."""
 
@@ -184,166 +138,11 @@ class SearchResult:
     best: Evaluation
     history: list[Evaluation]
     on_bound: list[BoundHit] = field(default_factory=list)
-    resumed: int = 0  # evaluations replayed from history.jsonl
-
-
-class RunMismatchError(RuntimeError):
-    pass
+    resumed: int = 0  # evaluations replayed from a recorded history
 
 
 class AllCandidatesFailedError(RuntimeError):
     pass
-
-
-#: ``evaluate(weights, timings) -> score``; it may record ``timings["objective"]``.
-Evaluate = Callable[[Sequence[float], dict], float]
-
-
-@runtime_checkable
-class BatchEvaluator(Protocol):
-    """Scores a batch of independent candidates, yielding each as it finishes."""
-
-    def evaluate_batch(self, candidates: Sequence[Candidate]) -> Iterator[Evaluation]: ...
-
-
-class SerialEvaluator:
-    """Scores candidates one after another with ``evaluate``."""
-
-    def __init__(self, evaluate: Evaluate):
-        self.evaluate = evaluate
-
-    def evaluate_batch(self, candidates: Sequence[Candidate]) -> Iterator[Evaluation]:
-        for candidate in candidates:
-            yield evaluate_candidate(self.evaluate, candidate)
-
-
-def evaluate_candidate(evaluate: Evaluate, candidate: Candidate) -> Evaluation:
-    """Score one candidate; an exception or a non-finite score becomes a failed one."""
-    began = time.perf_counter()
-    timings: dict[str, float] = {}
-    try:
-        score = evaluate(candidate.weights, timings)
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise ValueError(f"objective returned {score!r}, not a finite number")
-        error = None
-    except KeyboardInterrupt:
-        raise
-    except Exception:
-        score, error = None, traceback.format_exc()
-    return Evaluation(
-        index=candidate.index,
-        weights=list(candidate.weights),
-        score=None if score is None else float(score),
-        seconds=time.perf_counter() - began,
-        objective_seconds=timings.get("objective", 0.0),
-        error=error,
-        phase=candidate.phase,
-    )
-
-
-# --- the run directory -------------------------------------------------------------
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
-def describe_differences(recorded: dict, identity: dict) -> list[str]:
-    """``key old -> new`` for every setting that differs between two run identities."""
-    old, new = _flatten(recorded), _flatten(json.loads(json.dumps(identity)))
-    return [
-        f"{key} {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-    ]
-
-
-def run_identity(identity: dict, settings: SearchSettings) -> dict:
-    """What identifies a run in ``run.json``: ``identity`` and the settings but the budget.
-
-    The budget is left out so that a larger one extends a run.
-    """
-    return {**identity, "settings": {**asdict(settings), "budget": None}}
-
-
-def prepare_run_dir(out_dir: str, identity: dict) -> tuple[dict, dict[int, Evaluation]]:
-    """Create or reopen ``out_dir`` for the run ``identity``.
-
-    Returns the run's record (``identity`` plus what the first run resolved, such as
-    whether the scale search runs) and the recorded evaluations by index.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    run_path = os.path.join(out_dir, RUN_FILE)
-    if os.path.exists(run_path):
-        with open(run_path, encoding="utf-8") as file:
-            record = json.load(file)
-        recorded_identity = {k: v for k, v in record.items() if k in identity}
-        if recorded_identity != json.loads(json.dumps(identity)) or set(identity) - set(record):
-            raise RunMismatchError(
-                f"{out_dir} holds a different tuning run (differs in: "
-                f"{'; '.join(describe_differences(recorded_identity, identity))}); "
-                "use another output directory, or delete this one to start over"
-            )
-    else:
-        record = json.loads(json.dumps(identity))
-        write_atomic(run_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return record, read_history(os.path.join(out_dir, HISTORY_FILE))
-
-
-def open_run(
-    out_dir: str, identity: dict, settings: SearchSettings
-) -> tuple[dict, dict[int, Evaluation]]:
-    """:func:`prepare_run_dir` for this search, refusing a budget below what is recorded.
-
-    Cheap: callers run it before any heavy work, so that a wrong directory or budget
-    is refused at once.
-    """
-    record, recorded = prepare_run_dir(out_dir, run_identity(identity, settings))
-    done = 0
-    while done in recorded:
-        done += 1
-    if done > settings.budget:
-        raise RunMismatchError(
-            f"{out_dir} already holds {done} evaluations, more than --budget "
-            f"{settings.budget}; give a budget of at least {done} to extend the run"
-        )
-    return record, recorded
-
-
-def read_history(path: str) -> dict[int, Evaluation]:
-    """The evaluations recorded in ``path`` by index (a line cut by a crash is dropped)."""
-    recorded: dict[int, Evaluation] = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as file:
-            for line in file:
-                if not line.strip():
-                    continue
-                try:
-                    evaluation = Evaluation(**json.loads(line))
-                except (json.JSONDecodeError, TypeError):
-                    continue
-                recorded[evaluation.index] = evaluation
-    return recorded
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(tmp, path)
-
-
-def _write_history(path: str, evaluations: Iterable[Evaluation]) -> None:
-    rows = sorted(evaluations, key=lambda e: e.index)
-    write_atomic(path, "".join(json.dumps(asdict(e)) + "\n" for e in rows))
-
-
-# --- the search ----------------------------------------------------------------------
 
 
 def scale_grid(settings: SearchSettings) -> list[float]:
@@ -375,125 +174,12 @@ def plan_scale_search(settings: SearchSettings, n_models: int) -> bool:
     return True
 
 
-class _Run:
-    """One search's state: the history, the best so far, the recorded rows to replay."""
+def planned_evaluations(settings: SearchSettings, n_models: int, scale_search: bool) -> int:
+    """How many evaluations the search runs (whole generations within the budget).
 
-    def __init__(
-        self,
-        evaluator: BatchEvaluator,
-        maximize: bool,
-        history_path: str,
-        recorded: dict[int, Evaluation],
-        on_improvement: Callable[[Evaluation], None] | None,
-        progress: tqdm,
-    ):
-        self.evaluator = evaluator
-        self.maximize = maximize
-        self.history_path = history_path
-        self.recorded = recorded
-        self.on_improvement = on_improvement
-        self.progress = progress
-        self.history: list[Evaluation] = []
-        self.best: Evaluation | None = None
-
-    def better(self, a: Evaluation) -> bool:
-        return a.ok and (self.best is None or is_better(a.score, self.best.score, self.maximize))
-
-    def run_batch(self, weights: Sequence[Sequence[float]], phase: str) -> list[Evaluation]:
-        """Score a batch (replaying recorded rows); return it in candidate order."""
-        first = len(self.history)
-        candidates = [
-            Candidate(first + k, [float(v) for v in w], "start" if first + k == 0 else phase)
-            for k, w in enumerate(weights)
-        ]
-        done: dict[int, Evaluation] = {}
-        todo = []
-        for candidate in candidates:
-            row = self.recorded.get(candidate.index)
-            if row is None:
-                todo.append(candidate)
-            elif np.allclose(row.weights, candidate.weights, rtol=0, atol=1e-12):
-                done[candidate.index] = row
-            else:
-                raise RunMismatchError(
-                    f"{self.history_path}: evaluation {candidate.index} does not match the "
-                    "candidate the search asks for; the history was not written by this run"
-                )
-        self.progress.update(len(done))
-        if todo:
-            with open(self.history_path, "a", encoding="utf-8") as file:
-                for evaluation in self.evaluator.evaluate_batch(todo):
-                    file.write(json.dumps(asdict(evaluation)) + "\n")
-                    file.flush()
-                    os.fsync(file.fileno())
-                    done[evaluation.index] = evaluation
-                    self.recorded[evaluation.index] = evaluation
-                    if not evaluation.ok:
-                        LOG.warning(
-                            "candidate %d %s failed: %s",
-                            evaluation.index,
-                            evaluation.weights,
-                            evaluation.error.strip().splitlines()[-1],
-                        )
-                    self.progress.update(1)
-        batch = [done[c.index] for c in candidates]
-        for evaluation in batch:
-            self.history.append(evaluation)
-            if self.better(evaluation):
-                self.best = evaluation
-                if self.on_improvement is not None:
-                    self.on_improvement(evaluation)
-        if self.best is not None:
-            self.progress.set_postfix(best=f"{self.best.score:.5g}", refresh=False)
-        # The start alone may fail; the start and the first batch after it may not.
-        if len(self.history) > 1 and not any(e.ok for e in self.history):
-            first_error = next(e for e in self.history if not e.ok)
-            raise AllCandidatesFailedError(
-                f"every candidate failed; the first error was:\n{first_error.error}"
-            )
-        return batch
-
-    def minimised(self, evaluation: Evaluation, penalty: float) -> float:
-        if not evaluation.ok:
-            return penalty
-        return -evaluation.score if self.maximize else evaluation.score
-
-
-def run_search(
-    evaluate: Evaluate | BatchEvaluator,
-    n_models: int,
-    *,
-    maximize: bool,
-    out_dir: str,
-    identity: dict,
-    settings: SearchSettings,
-    start: Sequence[float] | None = None,
-    model_names: Sequence[str] | None = None,
-    on_improvement: Callable[[Evaluation], None] | None = None,
-    quiet: bool = False,
-) -> SearchResult:
-    """Search ``n_models`` weights; return the start, the best and every evaluation.
-
-    ``start``: the config's weights (used unless ``settings.start`` is given; default
-    all 1). ``evaluate`` scores one candidate, or is a :class:`BatchEvaluator`.
+    Refuses a budget without room for the first step and one generation.
     """
-    names = list(model_names or [f"model {i}" for i in range(n_models)])
-    w0 = _start_weights(settings, start, n_models, names)
-    record, recorded = open_run(out_dir, identity, settings)
-    if "scale_search" not in record:  # decided once, by the first run of this directory
-        record["scale_search"] = plan_scale_search(settings, n_models)
-        write_atomic(
-            os.path.join(out_dir, RUN_FILE), json.dumps(record, indent=2, sort_keys=True) + "\n"
-        )
-    resumed = len(recorded)  # ``recorded`` grows as the run goes on
-    if resumed:
-        LOG.info("resuming: %d evaluations from %s", resumed, HISTORY_FILE)
-    history_path = os.path.join(out_dir, HISTORY_FILE)
-    _write_history(history_path, recorded.values())  # drops a line cut by a crash
-
-    evaluator = evaluate if isinstance(evaluate, BatchEvaluator) else SerialEvaluator(evaluate)
     popsize = default_popsize(n_models, settings)
-    scale_search = bool(record["scale_search"])
     first = SCALE_EVALUATIONS if scale_search else 1
     if settings.budget < first + popsize:
         what = "the scale search" if scale_search else "the starting point"
@@ -501,105 +187,253 @@ def run_search(
             f"budget {settings.budget} is too small: {what} and one generation of {popsize} "
             f"candidates need {first + popsize} evaluations"
         )
-    planned = first + popsize * ((settings.budget - first) // popsize)
-    progress = tqdm(total=planned, desc="search", unit="eval", disable=quiet)
-    run = _Run(evaluator, maximize, history_path, recorded, on_improvement, progress)
-    try:
-        scale, scale_hits = 1.0, []
-        if scale_search:
-            scale, scale_hits = _search_scale(run, w0, settings)
-        else:
-            run.run_batch([w0], "start")
-        anchor = [scale * w for w in w0]
-        lower, upper, to_weights = _box(settings, anchor)
-        es = cma.CMAEvolutionStrategy(
-            [1.0] * n_models if not settings.absolute else _clip(anchor, lower, upper),
-            settings.sigma0,
-            {"bounds": [lower, upper], "seed": settings.seed, "verbose": -9, "popsize": popsize},
-        )
-        worst = None
-        while len(run.history) + popsize <= settings.budget and not es.stop():
-            xs = es.ask()
-            # Objectives may draw from NumPy's global RNG, which CMA-ES also uses;
-            # restoring it keeps the candidates identical on resume.
-            rng_state = np.random.get_state()
-            batch = run.run_batch([to_weights(x) for x in xs], "cma")
-            np.random.set_state(rng_state)
-            ok_values = [run.minimised(e, 0.0) for e in batch if e.ok]
-            if ok_values:
-                worst = max(ok_values) if worst is None else max(worst, *ok_values)
-            if worst is None:  # nothing in this search phase has succeeded yet
-                worst = max(run.minimised(e, 0.0) for e in run.history if e.ok)
-            es.tell(xs, [run.minimised(e, worst + 1.0 + abs(worst)) for e in batch])
-        progress.total = len(run.history)
-    finally:
-        progress.close()
-    best = run.best or run.history[0]
-    hits = scale_hits + _bound_hits(best.weights, names, settings, anchor, lower, upper)
-    for hit in hits:
-        LOG.warning(hit.message())
-    return SearchResult(run.history[0], best, run.history, hits, resumed=resumed)
+    return first + popsize * ((settings.budget - first) // popsize)
 
 
-def _start_weights(
-    settings: SearchSettings, start: Sequence[float] | None, n: int, names: list[str]
+def start_weights(
+    settings: SearchSettings,
+    config_weights: Sequence[float | None] | None,
+    model_names: Sequence[str],
 ) -> list[float]:
+    """The weights the search starts from: ``settings.start`` for every model, else
+    the config's (``config_weights``; None: all 1).
+
+    Refuses a config weight that varies from tensor to tensor (None in
+    ``config_weights``), and a start of 0 in the relative box (a multiple of 0 is 0).
+    """
+    n = len(model_names)
     if settings.start is not None:
         return [float(settings.start)] * n
-    w0 = [1.0] * n if start is None else [float(w) for w in start]
-    if len(w0) != n:
-        raise ValueError(f"got {len(w0)} start weights for {n} models")
+    if config_weights is None:
+        return [1.0] * n
+    if len(config_weights) != n:
+        raise ValueError(f"got {len(config_weights)} start weights for {n} models")
+    varying = [name for name, w in zip(model_names, config_weights, strict=True) if w is None]
+    if varying:
+        raise ConfigError(
+            f"the weight of {', '.join(varying)} varies from tensor to tensor (a gradient or "
+            "filters); the tuner searches one weight per model: give it a single number, "
+            "or a common start with --start"
+        )
+    weights = [float(w) for w in config_weights]
     if not settings.absolute:
-        zero = [name for name, w in zip(names, w0, strict=True) if w == 0]
+        zero = [name for name, w in zip(model_names, weights, strict=True) if w == 0]
         if zero:
             raise ValueError(
                 f"the start weight of {', '.join(zero)} is 0, and the search box is relative "
                 "to the start: give --start or absolute --lower/--upper"
             )
-    return w0
+    return weights
 
 
-def _search_scale(
-    run: _Run, w0: list[float], settings: SearchSettings
-) -> tuple[float, list[BoundHit]]:
-    """Score ``s * w0`` on the scale grid and beside its best; return the best scale."""
-    grid = scale_grid(settings)
-    scored = dict(
-        zip(grid, run.run_batch([[s * w for w in w0] for s in grid], "scale"), strict=True)
-    )
-    ordered = sorted(grid)
-    best = _best_scale(scored, run.maximize)
-    at = ordered.index(best)
-    neighbours = [ordered[j] for j in (at - 1, at + 1) if 0 <= j < len(ordered)]
-    if len(neighbours) == 2:  # the geometric midpoints on either side
-        beside = [math.sqrt(best * n) for n in neighbours]
-    else:  # at the edge of the range: two points towards the one neighbour, so 9 in all
-        (n,) = neighbours
-        beside = [best ** (2 / 3) * n ** (1 / 3), best ** (1 / 3) * n ** (2 / 3)]
-    batch = run.run_batch([[s * w for w in w0] for s in beside], "scale")
-    scored.update(zip(beside, batch, strict=True))
-    best = _best_scale(scored, run.maximize)
-    hits = []
-    for side, edge, widen in (
-        ("lower", settings.scale_min, f"--scale-min {settings.scale_min / 4:g}"),
-        ("upper", settings.scale_max, f"--scale-max {settings.scale_max * 4:g}"),
+class WeightSearch:
+    """One search of a weight per model, asked and told batch by batch::
+
+        search = WeightSearch(settings, start, maximize=False, scale_search=True)
+        while candidates := search.ask():
+            search.tell([score(candidate) for candidate in candidates])
+        result = search.result()
+
+    ``start``: the start weights (see :func:`start_weights`); ``scale_search``: whether
+    step 1 runs (:func:`plan_scale_search`, decided once per run). A failed evaluation
+    scores worse than every successful one; if the start and the first batch after it
+    all fail, :meth:`tell` raises :class:`AllCandidatesFailedError`.
+    """
+
+    def __init__(
+        self,
+        settings: SearchSettings,
+        start: Sequence[float],
+        *,
+        maximize: bool,
+        scale_search: bool,
+        model_names: Sequence[str] | None = None,
     ):
-        if best == edge:
-            hits.append(BoundHit("common scale", best, side, edge, widen))
-    LOG.info("best common scale of the start weights: %.4g", best)
-    return best, hits
+        self.settings = settings
+        self.start = [float(w) for w in start]
+        self.n_models = len(self.start)
+        self.names = list(model_names or [f"model {i}" for i in range(self.n_models)])
+        self.maximize = maximize
+        self.scale_search = scale_search
+        self.popsize = default_popsize(self.n_models, settings)
+        self.planned = planned_evaluations(settings, self.n_models, scale_search)
+        self.history: list[Evaluation] = []
+        self.best: Evaluation | None = None
+        # Where the search is: "start", "scale grid", "scale beside", "cma" or "done".
+        self._step = "scale grid" if scale_search else "start"
+        self._asked: list[Candidate] | None = None
+        self._scored_scales: dict[float, Evaluation] = {}
+        self._beside: list[float] = []
+        self._scale_hits: list[BoundHit] = []
+        self.common_scale = 1.0
+        self.scaled_start: list[float] | None = None
+        self._lower = self._upper = 0.0
+        self._to_weights: Callable[[Sequence[float]], list[float]] | None = None
+        self._es: cma.CMAEvolutionStrategy | None = None
+        self._xs: list[np.ndarray] = []
+        self._rng_state: tuple | None = None
+        self._worst: float | None = None
 
+    @property
+    def done(self) -> bool:
+        return self._step == "done"
 
-def _best_scale(scored: dict[float, Evaluation], maximize: bool) -> float:
-    best, best_score = 1.0, None
-    for scale, evaluation in scored.items():
-        if evaluation.ok and is_better(evaluation.score, best_score, maximize):
-            best, best_score = scale, evaluation.score
-    return best
+    def ask(self) -> list[Candidate]:
+        """The next batch of candidates; empty when the search is over."""
+        if self._asked is not None:
+            raise RuntimeError("tell() the evaluations of the last batch before asking again")
+        if self._step == "start":
+            weights, phase = [self.start], "start"
+        elif self._step == "scale grid":
+            weights, phase = self._scaled(scale_grid(self.settings)), "scale"
+        elif self._step == "scale beside":
+            weights, phase = self._scaled(self._beside), "scale"
+        elif self._step == "cma" and not self._cma_over():
+            self._xs = self._es.ask()
+            # Objectives may draw from NumPy's global RNG, which CMA-ES also uses;
+            # tell() restores it, which keeps the candidates identical on resume.
+            self._rng_state = np.random.get_state()
+            weights, phase = [self._to_weights(x) for x in self._xs], "cma"
+        else:
+            self._step = "done"
+            return []
+        first = len(self.history)
+        self._asked = [
+            Candidate(first + k, [float(v) for v in w], "start" if first + k == 0 else phase)
+            for k, w in enumerate(weights)
+        ]
+        return list(self._asked)
+
+    def tell(self, evaluations: Sequence[Evaluation]) -> list[Evaluation]:
+        """Take the evaluations of the last batch (in any order); return those that
+        improved on the best so far, in candidate order."""
+        if self._asked is None:
+            raise RuntimeError("ask() for a batch before telling its evaluations")
+        by_index = {evaluation.index: evaluation for evaluation in evaluations}
+        missing = [c.index for c in self._asked if c.index not in by_index]
+        if missing:
+            raise ValueError(f"no evaluation of candidate(s) {missing}")
+        batch = [by_index[c.index] for c in self._asked]
+        self._asked = None
+        improved = []
+        for evaluation in batch:
+            self.history.append(evaluation)
+            if self._better(evaluation):
+                self.best = evaluation
+                improved.append(evaluation)
+        # The start alone may fail; the start and the first batch after it may not.
+        if len(self.history) > 1 and not any(e.ok for e in self.history):
+            first_error = next(e for e in self.history if not e.ok)
+            raise AllCandidatesFailedError(
+                f"every candidate failed; the first error was:\n{first_error.error}"
+            )
+        if self._step == "start":
+            self._begin_cma(1.0)
+        elif self._step == "scale grid":
+            self._scored_scales = dict(zip(scale_grid(self.settings), batch, strict=True))
+            self._beside = self._beside_best_scale()
+            self._step = "scale beside"
+        elif self._step == "scale beside":
+            self._scored_scales.update(zip(self._beside, batch, strict=True))
+            self._begin_cma(self._best_scale())
+        else:
+            self._tell_cma(batch)
+        return improved
+
+    def result(self) -> SearchResult:
+        """The start, the best, every evaluation, and the bests on an edge of the box."""
+        if self.scaled_start is None:
+            raise RuntimeError("the search has not reached its per-model step")
+        best = self.best or self.history[0]
+        hits = self._scale_hits + _bound_hits(
+            best.weights, self.names, self.settings, self.scaled_start, self._lower, self._upper
+        )
+        return SearchResult(self.history[0], best, list(self.history), hits)
+
+    # --- the steps ---------------------------------------------------------------
+
+    def _scaled(self, common_scales: Sequence[float]) -> list[list[float]]:
+        return [[s * w for w in self.start] for s in common_scales]
+
+    def _better(self, evaluation: Evaluation) -> bool:
+        return evaluation.ok and (
+            self.best is None or is_better(evaluation.score, self.best.score, self.maximize)
+        )
+
+    def _beside_best_scale(self) -> list[float]:
+        """Two more common scales beside the best of the grid."""
+        ordered = sorted(self._scored_scales)
+        best = self._best_scale()
+        at = ordered.index(best)
+        neighbours = [ordered[j] for j in (at - 1, at + 1) if 0 <= j < len(ordered)]
+        if len(neighbours) == 2:  # the geometric midpoints on either side
+            return [math.sqrt(best * n) for n in neighbours]
+        # At the edge of the range: two points towards the one neighbour, so 9 in all.
+        (n,) = neighbours
+        return [best ** (2 / 3) * n ** (1 / 3), best ** (1 / 3) * n ** (2 / 3)]
+
+    def _best_scale(self) -> float:
+        best, best_score = 1.0, None
+        for common_scale, evaluation in self._scored_scales.items():
+            if evaluation.ok and is_better(evaluation.score, best_score, self.maximize):
+                best, best_score = common_scale, evaluation.score
+        return best
+
+    def _begin_cma(self, common_scale: float) -> None:
+        """Step 2 from ``common_scale`` times the start (1: no scale search)."""
+        settings = self.settings
+        if self.scale_search:
+            for side, edge, widen in (
+                ("lower", settings.scale_min, f"--scale-min {settings.scale_min / 4:g}"),
+                ("upper", settings.scale_max, f"--scale-max {settings.scale_max * 4:g}"),
+            ):
+                if common_scale == edge:
+                    self._scale_hits.append(
+                        BoundHit("common scale", common_scale, side, edge, widen)
+                    )
+            LOG.info("best common scale of the start weights: %.4g", common_scale)
+        self.common_scale = common_scale
+        self.scaled_start = [common_scale * w for w in self.start]
+        self._lower, self._upper, self._to_weights = _box(settings, self.scaled_start)
+        x0 = (
+            _clip(self.scaled_start, self._lower, self._upper)
+            if settings.absolute
+            else [1.0] * self.n_models
+        )
+        self._es = cma.CMAEvolutionStrategy(
+            x0,
+            settings.sigma0,
+            {
+                "bounds": [self._lower, self._upper],
+                "seed": settings.seed,
+                "verbose": -9,
+                "popsize": self.popsize,
+            },
+        )
+        self._step = "cma"
+
+    def _cma_over(self) -> bool:
+        return len(self.history) + self.popsize > self.settings.budget or self._es.stop()
+
+    def _tell_cma(self, batch: list[Evaluation]) -> None:
+        np.random.set_state(self._rng_state)
+        ok_values = [self._minimised(e, 0.0) for e in batch if e.ok]
+        if ok_values:
+            self._worst = max(ok_values) if self._worst is None else max(self._worst, *ok_values)
+        if self._worst is None:  # nothing in this search step has succeeded yet
+            self._worst = max(self._minimised(e, 0.0) for e in self.history if e.ok)
+        worst = self._worst
+        self._es.tell(self._xs, [self._minimised(e, worst + 1.0 + abs(worst)) for e in batch])
+
+    def _minimised(self, evaluation: Evaluation, penalty: float) -> float:
+        """The score as CMA-ES minimises it; ``penalty`` for a failed evaluation."""
+        if not evaluation.ok:
+            return penalty
+        return -evaluation.score if self.maximize else evaluation.score
 
 
 def _box(
-    settings: SearchSettings, anchor: list[float]
+    settings: SearchSettings, scaled_start: list[float]
 ) -> tuple[float, float, Callable[[Sequence[float]], list[float]]]:
     """CMA-ES bounds and the map from its coordinates to weights."""
     if settings.absolute:
@@ -607,7 +441,7 @@ def _box(
     return (
         settings.lower_factor,
         settings.upper_factor,
-        lambda x: [float(v) * a for v, a in zip(x, anchor, strict=True)],
+        lambda x: [float(v) * s for v, s in zip(x, scaled_start, strict=True)],
     )
 
 
@@ -619,7 +453,7 @@ def _bound_hits(
     weights: list[float],
     names: list[str],
     settings: SearchSettings,
-    anchor: list[float],
+    scaled_start: list[float],
     lower: float,
     upper: float,
 ) -> list[BoundHit]:
@@ -629,18 +463,18 @@ def _bound_hits(
     relative box (weights act multiplicatively: 0.6 is as far from 0.5 as 3.6 from 3).
     """
     hits = []
-    for name, weight, a in zip(names, weights, anchor, strict=True):
+    for name, weight, s in zip(names, weights, scaled_start, strict=True):
         if settings.absolute:
             position, edges = weight, {"lower": lower, "upper": upper}
         else:
-            position = math.log(max(weight / a, 1e-300))
+            position = math.log(max(weight / s, 1e-300))
             edges = {"lower": math.log(lower), "upper": math.log(upper)}
         width = edges["upper"] - edges["lower"]
         for factor_side, edge in edges.items():
             if abs(position - edge) <= _ON_BOUND * width:
-                bound = edge if settings.absolute else math.exp(edge) * a
+                bound = edge if settings.absolute else math.exp(edge) * s
                 # A negative start flips which factor bounds which side of the weight.
-                side = factor_side if settings.absolute or a > 0 else _other(factor_side)
+                side = factor_side if settings.absolute or s > 0 else _other(factor_side)
                 hits.append(BoundHit(name, weight, side, bound, _widen(settings, factor_side)))
     return hits
 

@@ -4,7 +4,7 @@ mergekit hands ``pcb`` one tensor at a time, but the authors' statistics span th
 whole model. The first ``scope: model`` tensor of a merge therefore streams every
 tensor the checkpoints share through mergekit's own loaders (on the device and in
 the dtype the group has, so the statistics match what the merge computes) into
-:func:`mergekit_pcb.whole_model.whole_model_stats`; later tensors of the same merge
+:func:`mergekit_pcb.model_stats.whole_model_stats`; later tensors of the same merge
 find the result in a small cache keyed by the models, settings and file times.
 
 The cache is guarded by a lock: mergekit's multi-GPU executor runs tasks in threads,
@@ -24,9 +24,9 @@ from mergekit.common import ModelReference
 from mergekit.merge_methods import TensorGroup
 
 from mergekit_pcb import _mergekit_compat as compat
-from mergekit_pcb.core import ModelStats, NonFiniteInputError, PCBOptions
 from mergekit_pcb.errors import MergeInputError, non_finite_input
-from mergekit_pcb.whole_model import whole_model_stats
+from mergekit_pcb.model_stats import whole_model_stats
+from mergekit_pcb.pcb import ModelStats, NonFiniteInputError, PCBOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def group_model_stats(
     if not all(isinstance(ref, ModelReference) for ref in refs):
         raise ValueError(
             "pcb scope: model needs models that mergekit loads (mergekit-yaml, run_merge); "
-            "for tensors in memory, use mergekit_pcb.whole_model.whole_model_stats"
+            "for tensors in memory, use mergekit_pcb.model_stats.whole_model_stats"
         )
     loaders = [compat.tensor_loader(ref) for ref in refs]
     files = tuple(

@@ -1,4 +1,5 @@
-"""The tensor math of mergekit_pcb.core against the spec, by hand and by a second implementation."""
+"""The PCB steps of mergekit_pcb.pcb against docs/algorithm.md: by hand, by a second
+implementation (tests/reference_pcb.py) and bit for bit against the plain chain of steps."""
 
 from __future__ import annotations
 
@@ -7,8 +8,22 @@ import math
 import pytest
 import torch
 
-from mergekit_pcb.core import PCBOptions, pcb_contributions, pcb_merge
+from mergekit_pcb.pcb import (
+    PCBOptions,
+    balanced_rows,
+    clamp_indices,
+    drop_index,
+    drop_ramp,
+    pcb_contributions,
+    pcb_merge,
+    rescale,
+    undivided_contributions,
+)
+from mergekit_pcb.selection import selection_masks
 from tests.reference_pcb import reference_pcb, relative_error
+from tests.tie_heavy import tie_heavy_models
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _random_models(n: int, shape: tuple[int, ...], seed: int, dtype=torch.float32):
@@ -278,27 +293,12 @@ def test_large_tensor_matches_reference():
     assert relative_error(merged, expected, base) <= 1e-5
 
 
-# --- the fast kernel against the plain chain of the spec, bit for bit ------------------
-
-
-def _tie_heavy(n: int, d: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """bf16 base and fine-tunes a few ulps away: task vectors full of ties, 20% zeros."""
-    gen = torch.Generator().manual_seed(seed)
-    base = (torch.randn(d, generator=gen) * 0.02).to(torch.bfloat16)
-    bits = base.view(torch.int16)
-    finetuned = []
-    for _ in range(n):
-        steps = (torch.randn(d, generator=gen) * 2).round().clamp(-8, 8).to(torch.int16)
-        moved = ((bits & 0x7FFF) + steps).clamp(0, 0x7F7F)
-        finetuned.append(((bits & -0x8000) | moved).view(torch.bfloat16))
-    return base, finetuned
+# --- the fast kernel against the plain chain of steps, bit for bit ----------------------
 
 
 def _plain_rows(base, finetuned, densities, options):
-    """Steps 1-5 as the spec writes them, one float32 operation after another,
+    """Steps 1-5 as docs/algorithm.md writes them, one float32 operation after another,
     quantiles by a full sort: ``{i: (Tc_i, scale_i)}``."""
-    from mergekit_pcb.core import clamp_indices, drop_index
-
     base32 = base.reshape(-1).float()
     tvs = [f.reshape(-1).float() - base32 for f in finetuned]
     d, n = base32.numel(), len(tvs)
@@ -360,25 +360,24 @@ def test_rows_equal_the_plain_chain_bit_for_bit(data, options):
     # two entries an ulp apart at the threshold. So steps 1-5 must give the plain
     # chain's scales and Tc * scale exactly, on both sides of the sampled selection
     # (above 2^16 entries), for distinct values and for bf16 ties.
-    from mergekit_pcb.core import balanced_rows
-
     if data == "float32 small":
         base, finetuned = _random_models(3, (40, 50), seed=3)
     elif data == "float32 large":
         base, finetuned = _random_models(3, (300, 400), seed=4)
     elif data == "bf16 large":
-        base, finetuned = _tie_heavy(4, 300_000, seed=5)
+        base, finetuned = tie_heavy_models(4, 300_000, seed=5)
     elif data == "frozen model":
-        base, finetuned = _tie_heavy(3, 200_000, seed=6)
+        base, finetuned = tie_heavy_models(3, 200_000, seed=6)
         finetuned[1] = base.clone()
     else:
-        base, finetuned = _tie_heavy(1, 200_000, seed=7)
+        base, finetuned = tie_heavy_models(1, 200_000, seed=7)
     densities = [0.2, 0.05, 0.5, 0.1][: len(finetuned)]
     expected = _plain_rows(base, finetuned, densities, options)
     got = {}
     base32 = base.reshape(-1).float()
-    for i, clamped, scale in balanced_rows(base32, finetuned, densities, options):
-        got[i] = (clamped * scale, scale.clone())
+    for row in balanced_rows(base32, finetuned, densities, options):
+        scale = row.scale()
+        got[row.model] = (row.clamped * scale, scale.clone())
     assert got.keys() == expected.keys()
     for i, (weighted, scale) in got.items():
         assert torch.equal(scale, expected[i][1]), f"scale of model {i}"
@@ -388,9 +387,7 @@ def test_rows_equal_the_plain_chain_bit_for_bit(data, options):
 def test_drop_ramp_equals_rescale_at_the_sorted_threshold():
     # The drop threshold tried from the sample and checked by the ramp's own counts,
     # hit or missed, gives the rescale of the exact threshold bit for bit.
-    from mergekit_pcb.core import _drop_ramp, _selection_masks, drop_index, rescale
-
-    base, finetuned = _tie_heavy(3, 400_000, seed=8)
+    base, finetuned = tie_heavy_models(3, 400_000, seed=8)
     t = [f.float() - base.float() for f in finetuned]
     colsum = t[0] + t[1] + t[2]
     scores = [
@@ -404,42 +401,63 @@ def test_drop_ramp_equals_rescale_at_the_sorted_threshold():
         for density in (0.01, 0.05, 0.2, 0.37, 0.5, 0.8, 1.0):
             g = ordered[drop_index(score.numel(), density)]
             expected = rescale(score.clone(), g, ordered[-1])
-            ramp, span = _drop_ramp(score.clone(), density, spare, _selection_masks(400_000, "cpu"))
+            ramp, span = drop_ramp(score.clone(), density, spare, selection_masks(400_000, "cpu"))
             assert torch.equal(ramp / span if span != 1.0 else ramp, expected), density
 
 
-def test_selection_with_a_value_already_counted():
-    from mergekit_pcb.core import _kth_smallest
+def test_undivided_contributions_are_the_plain_chains_rows_and_scale_sum():
+    # Each kept row is s_i * Tc_i of the plain chain, bit for bit; the divisor is
+    # max(sum_i s_i, eps); a model that left the tensor unchanged has no row. ``keep``
+    # is handed each model's index with its row, and what it returns is kept.
+    base, finetuned = tie_heavy_models(3, 200_000, seed=12)
+    finetuned.append(base.clone())
+    densities, options = [0.2, 0.05, 0.5, 0.3], PCBOptions()
+    expected = _plain_rows(base, finetuned, densities, options)
+    seen = []
 
-    _, (finetuned,) = _tie_heavy(1, 300_000, seed=9)
-    row = finetuned.float().abs()
-    ordered = row.sort().values
-    for index in (3_000, 150_000, 240_000, 277_000):
-        for other in (index - 20_000, index - 300, index + 300, index + 20_000):
-            value = ordered[other].item()
-            known = (value, int((row < value).sum()), int((row <= value).sum()))
-            assert _kth_smallest(row, index, known=known).item() == ordered[index].item()
+    def keep(model: int, row: torch.Tensor) -> torch.Tensor:
+        seen.append(model)
+        return row.clone()
+
+    undivided = undivided_contributions(
+        base, finetuned, densities=densities, keep=keep, options=options
+    )
+    assert sorted(seen) == sorted(undivided.rows) == sorted(expected) == [0, 1, 2]
+    for i, row in undivided.rows.items():
+        assert torch.equal(row, expected[i][0] * expected[i][1]), f"model {i}"
+    scale_sum = sum(scale for _, scale in expected.values()).clamp(min=1e-12)
+    torch.testing.assert_close(undivided.scale_sum, scale_sum, rtol=1e-6, atol=0)
+    assert undivided.scale_sum.min() >= 1e-12
 
 
-def test_work_buffers_are_never_shared_or_returned():
-    from mergekit_pcb.core import balanced_rows, release_work_buffers
+@pytest.mark.parametrize(("intra", "inter"), [(True, True), (False, True), (True, False)])
+def test_bf16_merge_of_a_large_tensor_matches_the_reference(intra, inter):
+    # bf16 fine-tunes a few ulps from the base: tie-heavy task vectors and scores.
+    # With both balances on, the selection masks live in the inter-balance buffer;
+    # with intra off that buffer holds the score, so fresh masks are needed.
+    base, finetuned = tie_heavy_models(3, (384, 256), seed=21)
+    weights, densities = [1.0, 1.4, 0.8], [0.05, 0.2, 0.5]
+    options = PCBOptions(intra_balance=intra, inter_balance=inter)
+    merged = pcb_merge(
+        base.float(), finetuned, weights=weights, densities=densities, options=options
+    )
+    expected = reference_pcb(base, finetuned, weights, densities, 1.0, 0.01, intra, inter)
+    assert relative_error(merged, expected, base.float()) <= 1e-5
 
-    base, finetuned = _tie_heavy(3, 100_000, seed=10)
-    kwargs = {"weights": [1.0, 0.5, 2.0], "densities": [0.2] * 3}
-    first = pcb_merge(base.float(), [f.float() for f in finetuned], **kwargs)
-    kept = first.clone()
-    pcb_merge(base, finetuned, **kwargs)  # same size: reuses the kept buffers
-    assert torch.equal(first, kept)
 
-    # Two row generators alive at once (nested callers) each get their own buffers.
-    base32 = base.float()
-    alone = {i: s.clone() for i, _, s in balanced_rows(base32, finetuned, [0.2] * 3, PCBOptions())}
-    outer = balanced_rows(base32, finetuned, [0.2] * 3, PCBOptions())
-    i, _, scale = next(outer)
-    held = scale.clone()
-    inner = {j: s.clone() for j, _, s in balanced_rows(base32, finetuned, [0.1] * 3, PCBOptions())}
-    assert torch.equal(scale, held) and torch.equal(held, alone[i])
-    assert all(torch.equal(s, alone[j]) for j, _, s in outer)
-    assert inner.keys() == alone.keys()
-    release_work_buffers()
-    assert torch.equal(pcb_merge(base.float(), [f.float() for f in finetuned], **kwargs), kept)
+@CUDA
+def test_bf16_merge_on_cuda_equals_the_cpu_one():
+    gen = torch.Generator().manual_seed(41)
+    shape = (512, 384)
+    base = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    finetuned = [
+        (base.float() + 0.0003 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+        for _ in range(3)
+    ]
+    kwargs = {"weights": [1.0, 1.0, 1.0], "densities": [0.05, 0.2, 0.5]}
+    on_cpu = pcb_merge(base, finetuned, **kwargs)
+    on_cuda = pcb_merge(base.cuda(), [t.cuda() for t in finetuned], **kwargs)
+    assert on_cuda.device.type == "cuda" and on_cuda.dtype == torch.bfloat16
+    # bf16 output: equal up to one rounding of the last place where exp/tanh differ.
+    close = torch.isclose(on_cuda.cpu().float(), on_cpu.float(), rtol=2**-7, atol=0)
+    assert close.float().mean() >= 0.999

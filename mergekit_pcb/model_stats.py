@@ -1,36 +1,34 @@
 """Exact whole-model PCB statistics in bounded memory (``scope: model``).
 
-The authors' PCB takes its min-max normalisations and quantiles over the whole
-flattened model. This module computes, per model, exactly those statistics
-(:class:`mergekit_pcb.core.ModelStats`) by streaming over the tensors, never holding
-more than one tensor's task vectors:
+The reference takes its min-max normalisations and quantiles over the whole
+flattened model. :func:`whole_model_stats` computes, per model, exactly those
+statistics (:class:`mergekit_pcb.pcb.ModelStats`) by streaming over the tensors,
+never holding more than one tensor's task vectors, in four passes:
 
-* exact quantiles by two-pass radix selection on the float32 bit patterns: a
-  65,536-bin histogram of the upper 16 bits finds the bin holding the k-th value,
-  a second histogram of the lower 16 bits inside that bin finds the value itself;
-* pass 1-2 select the outlier-clamp quantiles of ``|t|`` (or its min/max when the
-  clamp is off), pass 3-4 the (1 - density) quantile and the maximum of the score,
+* passes 1-2 select the outlier-clamp quantiles of ``|t|`` (step 1; its min and max
+  when the clamp is off);
+* passes 3-4 the (1 - density) quantile and the maximum of the score (steps 4-5),
   which needs the clamp bounds first.
 
-Every buffer lives on the device of the tensors streamed (CUDA with ``--cuda``):
-the histograms are made by counting the values they receive, and only a chosen
-histogram's cumulative counts come to the host, to find a rank's bin.
+The quantiles are exact, by streaming radix selection
+(:class:`mergekit_pcb.selection.RadixSelect`); the scores come from the merge's own
+``balance``, so they are bit for bit the ones the merge ranks. Every buffer lives on
+the device of the tensors streamed (CUDA with ``--cuda``).
 
 Pure tensor code: the caller supplies a function that iterates over
-``(name, base, [finetuned...])`` for every tensor (see ``method.py`` for mergekit).
+``(name, base, [finetuned...])`` for every tensor (``method_scope.py`` does it for
+mergekit).
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-import struct
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from tqdm import tqdm
 
-from mergekit_pcb.core import (
+from mergekit_pcb.pcb import (
     ModelStats,
     NonFiniteInputError,
     PCBOptions,
@@ -40,92 +38,12 @@ from mergekit_pcb.core import (
     drop_index,
     task_vector,
 )
+from mergekit_pcb.selection import RadixSelect
 
 LOG = logging.getLogger(__name__)
 
+#: ``tensors()``: every tensor of the models as ``(name, base, [finetuned...])``.
 TensorStream = Callable[[], Iterable[tuple[str, torch.Tensor, Sequence[torch.Tensor]]]]
-
-_BINS = 1 << 16
-_CHUNK = 1 << 22  # elements per histogram update: bounds the int64 key temporaries
-
-
-def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
-    """Map float32 values to int64 keys in [0, 2^32) with the same order."""
-    bits = values.contiguous().view(torch.int32).to(torch.int64)
-    # Negative floats order backwards by their bits: flip their 31 value bits.
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
-
-
-def _key_to_float(key: int) -> float:
-    """Inverse of ``_sortable_keys`` for one key, in plain Python (no device involved)."""
-    bits = key - (1 << 31)
-    if bits < 0:
-        bits ^= 0x7FFFFFFF
-    return struct.unpack("<f", struct.pack("<i", bits))[0]
-
-
-def _cumulative(histogram: torch.Tensor) -> list[int]:
-    # To the host once (65,536 integers), so that the rank lookups are host
-    # arithmetic whatever device the histogram was counted on.
-    return histogram.cumsum(0).tolist()
-
-
-def _rank_in(cumulative: list[int], rank: int) -> tuple[int, int]:
-    """Bin holding the value of 0-based ``rank``, and the rank within that bin."""
-    index = bisect.bisect_right(cumulative, rank)
-    return index, rank - (cumulative[index - 1] if index > 0 else 0)
-
-
-class RadixSelect:
-    """Exact k-th smallest values of a stream of float32 values, in two passes.
-
-    ``add_high`` over every value, then ``finish_high(ranks)``; ``add_low`` over every
-    value again, then ``values()``. Memory: one 65,536-bin histogram, plus one per rank,
-    on the device of the values received (the histograms are made by counting them).
-    """
-
-    def __init__(self) -> None:
-        self.high: torch.Tensor | None = None
-        self.bins: list[int] = []
-        self.rest: list[int] = []  # rank within the chosen high bin
-        self.low: list[torch.Tensor | None] = []
-
-    def add_high(self, values: torch.Tensor) -> None:
-        for chunk in values.reshape(-1).split(_CHUNK):
-            counts = torch.bincount(_sortable_keys(chunk) >> 16, minlength=_BINS)
-            self.high = counts if self.high is None else self.high.add_(counts)
-
-    def finish_high(self, ranks: Sequence[int]) -> None:
-        cumulative = [] if self.high is None else _cumulative(self.high)
-        total = cumulative[-1] if cumulative else 0
-        for rank in ranks:
-            if not 0 <= rank < total:
-                raise ValueError(f"rank {rank} out of range for {total} values")
-        for rank in ranks:
-            index, rest = _rank_in(cumulative, rank)
-            self.bins.append(index)
-            self.rest.append(rest)
-            self.low.append(None)
-
-    def add_low(self, values: torch.Tensor) -> None:
-        for chunk in values.reshape(-1).split(_CHUNK):
-            keys = _sortable_keys(chunk)
-            high = keys >> 16
-            for j, bin_index in enumerate(self.bins):
-                inside = keys[high == bin_index]
-                if inside.numel():
-                    counts = torch.bincount(inside & 0xFFFF, minlength=_BINS)
-                    low = self.low[j]
-                    self.low[j] = counts if low is None else low.add_(counts)
-
-    def values(self) -> list[float]:
-        out = []
-        for bin_index, rest, low in zip(self.bins, self.rest, self.low, strict=True):
-            if low is None:
-                raise ValueError("add_low saw no value of a selected bin: not the same stream")
-            index, _ = _rank_in(_cumulative(low), rest)
-            out.append(_key_to_float((bin_index << 16) | index))
-        return out
 
 
 def whole_model_stats(
@@ -136,7 +54,7 @@ def whole_model_stats(
     progress: bool = True,
     n_tensors: int | None = None,
 ) -> list[ModelStats | None]:
-    """Per model, the whole-model statistics of the spec; None for an all-zero model.
+    """Per model, its whole-model statistics; None for a model whose task vector is zero.
 
     ``tensors()`` must yield the same tensors, in the same order, on every call,
     on the device and in the dtype the merge itself will see; tensors that are not
