@@ -81,7 +81,7 @@ def _evolver_child(config_path: str, candidates: int, seed: int) -> dict[str, An
     from mergekit_pcb.evolve.population import Population
     from mergekit_pcb.evolve.population_merge import PopulationMerge
     from mergekit_pcb.merge import load_config
-    from mergekit_pcb.tune.contributions import Placement
+    from mergekit_pcb.tune.placement import Placement
 
     began = time.perf_counter()
     config, _ = load_config(config_path)

@@ -16,7 +16,9 @@ The mergekit glue:
   (the ``mergekit-pcb`` command), ``_mergekit_compat`` (the private mergekit APIs used),
   ``_hook``, ``synthetic``.
 
-The tuner (``mergekit-pcb-tune``): the ``tune`` package.
+The tuner (``mergekit-pcb-tune``): the ``tune`` package. The evolver's engine: the
+``evolve`` package (``offspring`` and ``evolver`` are math and logic; ``population`` and
+``population_merge`` glue).
 
 Importing this package is cheap (no torch, no mergekit): the public names below are
 loaded on first use, and ``pcb`` is registered with mergekit as soon as mergekit's merge

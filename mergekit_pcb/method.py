@@ -128,7 +128,7 @@ PARAMETER_NAMES = frozenset(p.name for p in PCB_SPEC.parameters)
 
 #: ``(group, densities, options) -> per fine-tune of the group, its whole-model
 #: statistics`` (``scope: model``). mergekit's merges read them from the checkpoints
-#: (:func:`~mergekit_pcb.model_scope.group_model_stats`); a merge of models held in
+#: (:func:`~mergekit_pcb.method_scope.group_model_stats`); a merge of models held in
 #: memory (the evolver's population) supplies its own.
 ModelStatsSource = Callable[[TensorGroup, Sequence[float], PCBOptions], list[ModelStats | None]]
 

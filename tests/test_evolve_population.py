@@ -17,7 +17,7 @@ from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.evolve.offspring import OffspringKey
 from mergekit_pcb.evolve.population import Population, write_model_folder
 from mergekit_pcb.evolve.population_merge import PopulationMerge
-from mergekit_pcb.tune.contributions import Placement
+from mergekit_pcb.tune.placement import Placement
 
 FINETUNES = ("math", "code", "chat")
 
@@ -251,3 +251,21 @@ def test_a_run_is_rebuilt_from_its_history(tiny_models):
     assert replay.ask() is None
     for old, new in zip(population.individuals, rebuilt.individuals, strict=True):
         assert _equal(_tensors(old), _tensors(new))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["population", "population_merge", "evolver", "offspring"])
+def test_importing_an_evolve_module_first_keeps_pcb_registered(module):
+    """The start-up hook registers pcb when mergekit's merge methods are first imported;
+    an evolve module imported first in a fresh interpreter must not break that."""
+    import subprocess
+    import sys
+
+    probe = (
+        f"import mergekit_pcb.evolve.{module}\n"
+        "import mergekit.merge_methods as m\n"
+        "print('pcb' in [x.spec.name for x in m.registered_methods()])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True", out.stderr[-2000:]

@@ -16,7 +16,14 @@ import pytest
 
 import mergekit_pcb
 
-MATH_MODULES = ("pcb", "selection", "work_buffers", "model_stats")
+MATH_MODULES = (
+    "pcb",
+    "selection",
+    "work_buffers",
+    "model_stats",
+    "evolve.offspring",
+    "evolve.evolver",
+)
 
 _PROBE = """
 import importlib, json, sys, types

@@ -21,7 +21,7 @@ Two modes:
   replaces the individual when it scores strictly better than that individual. The
   result is the best individual. ``n + generations * n`` evaluations.
 
-"Better" is :func:`~mergekit_pcb.tune.search.is_better` for the objective's direction
+"Better" is :func:`~mergekit_pcb.tune.records.is_better` for the objective's direction
 (a loss is minimised). A score that is None or not finite (a failed evaluation) is
 never better; selection uses these scores only (the validation objective). Every
 random choice is drawn from a stream keyed by the seed and the place it is used
@@ -43,7 +43,7 @@ from mergekit_pcb.evolve.offspring import (
     uniform,
     uniform_partner,
 )
-from mergekit_pcb.tune.search import is_better
+from mergekit_pcb.tune.records import is_better
 
 Mode = Literal["merged", "individual"]
 MODES: tuple[Mode, ...] = ("merged", "individual")

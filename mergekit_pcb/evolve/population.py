@@ -3,7 +3,7 @@
 An individual is one fine-tuned model of the config (the base is not one: it stays as
 it is), held tensor by tensor in its checkpoint's dtype (a bf16 checkpoint costs 2
 bytes per parameter). Where it lives follows the tuner's placement rule
-(:class:`~mergekit_pcb.tune.contributions.Placement`): on the merge's GPU while that
+(:class:`~mergekit_pcb.tune.placement.Placement`): on the merge's GPU while that
 GPU's budget lasts (its free memory beside the live model, less the room kept for the
 objective), else in CPU memory while half the RAM lasts, else on disk. On disk, an
 individual that has not changed is read from its own checkpoint through mergekit's
@@ -38,6 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import mergekit.merge_methods  # noqa: F401  (first: see below)
 import torch
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -50,7 +51,11 @@ from tqdm import tqdm
 from mergekit_pcb import _mergekit_compat as compat
 from mergekit_pcb.errors import ConfigError, MergeInputError
 from mergekit_pcb.evolve.offspring import OffspringKey
-from mergekit_pcb.tune.contributions import Placement
+from mergekit_pcb.tune.placement import Placement
+
+# mergekit.merge_methods is imported above, before _mergekit_compat: the start-up hook
+# registers ``pcb`` while mergekit's merge methods are first imported, and it fails if
+# that import starts inside _mergekit_compat, which method.py reads ParameterSpec from.
 
 LOG = logging.getLogger(__name__)
 

@@ -63,12 +63,12 @@ from mergekit.sparsify import SparsificationMethod
 from tqdm import tqdm
 
 from mergekit_pcb import _mergekit_compat as compat
-from mergekit_pcb.core import ModelStats, NonFiniteInputError, PCBOptions
 from mergekit_pcb.errors import ConfigError, MergeInputError, non_finite_input
 from mergekit_pcb.evolve.population import ModelTensors, individual_refs, stored_info
 from mergekit_pcb.method import PCBMerge
+from mergekit_pcb.model_stats import whole_model_stats
+from mergekit_pcb.pcb import ModelStats, NonFiniteInputError, PCBOptions
 from mergekit_pcb.tune.contributions import named_tensors
-from mergekit_pcb.whole_model import whole_model_stats
 
 LOG = logging.getLogger(__name__)
 
