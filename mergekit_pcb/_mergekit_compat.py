@@ -20,7 +20,8 @@ from mergekit.graph import Executor, Task
 # ``ParameterSpec`` is not re-exported by ``mergekit.merge_methods`` (only used there by
 # the built-in methods). Without it a method cannot declare a parameter named
 # ``lambda``, which the ``merge_method`` decorator cannot spell. If it moves, importing
-# mergekit_pcb fails at once.
+# mergekit_pcb fails at once. (method.py imports it from mergekit itself: it must not
+# import this module at its top, see its docstring.)
 from mergekit.merge_methods.base import ParameterSpec
 from mergekit.options import MergeOptions
 

@@ -6,6 +6,13 @@ module reads the bound parameters (:func:`prepare_group`), calls
 tensor math lives in ``pcb.py``, the glue of ``scope: model`` (whole-model statistics
 through mergekit's loaders) in ``method_scope.py``. Nothing here is mutable at module
 level: mergekit's multi-GPU executor calls ``merge_group`` from several threads.
+
+Importing this module registers ``pcb`` (its last line). Its top-level imports are
+mergekit, pydantic, torch and modules of this package that import no mergekit: the
+start-up hook registers ``pcb`` while ``mergekit.merge_methods`` is being imported, which
+may happen inside the import of any module of ours that imports mergekit; such a
+module is then half initialised, so this one must not need it at import time
+(``method_scope`` is imported when ``scope: model`` statistics are first read).
 """
 
 from __future__ import annotations
@@ -27,11 +34,14 @@ from mergekit.merge_methods import (
     ParameterScope,
     TensorGroup,
 )
+
+# Not re-exported by mergekit.merge_methods, and needed for a parameter named ``lambda``.
+# Imported from mergekit here, not through _mergekit_compat (which pins it): see the
+# module docstring on this module's imports.
+from mergekit.merge_methods.base import ParameterSpec
 from pydantic import AfterValidator
 
-from mergekit_pcb._mergekit_compat import ParameterSpec
 from mergekit_pcb.errors import MergeInputError, non_finite_input
-from mergekit_pcb.method_scope import group_model_stats
 from mergekit_pcb.names import METHOD_NAME
 from mergekit_pcb.pcb import (
     ModelStats,
@@ -156,10 +166,20 @@ class PCBInputs:
     stats: list[ModelStats | None] | None  # whole-model statistics (scope: model)
 
 
+def checkpoint_model_stats(
+    group: TensorGroup, densities: Sequence[float], options: PCBOptions
+) -> list[ModelStats | None]:
+    """``scope: model`` statistics read from the checkpoints through mergekit's loaders
+    (:func:`mergekit_pcb.method_scope.group_model_stats`, imported on first use)."""
+    from mergekit_pcb.method_scope import group_model_stats
+
+    return group_model_stats(group, densities, options)
+
+
 def prepare_group(
     group: TensorGroup,
     parameters: dict[str, Any],
-    model_stats: ModelStatsSource = group_model_stats,
+    model_stats: ModelStatsSource = checkpoint_model_stats,
 ) -> PCBInputs:
     """Read the bound parameters of ``group`` (and its whole-model statistics if asked,
     from ``model_stats``).
@@ -208,7 +228,9 @@ class PCBMerge(GroupMergeMethod):
     spec = PCB_SPEC
 
     def __init__(
-        self, spec: MergeMethodSpec = PCB_SPEC, model_stats: ModelStatsSource = group_model_stats
+        self,
+        spec: MergeMethodSpec = PCB_SPEC,
+        model_stats: ModelStatsSource = checkpoint_model_stats,
     ):
         self.spec = spec
         self.model_stats = model_stats
@@ -250,3 +272,6 @@ def register() -> merge_methods.MergeMethod:
             type(existing).__name__,
         )
     return existing
+
+
+register()

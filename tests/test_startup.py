@@ -159,6 +159,33 @@ def test_import_after_mergekit_registers_at_once(tmp_path):
     assert _python(code, "checkout", tmp_path).split() == ["PCBMerge"]
 
 
+#: The package's modules that import mergekit at their top: whichever a program imports
+#: first, mergekit's merge methods get imported while that module is half initialised.
+MERGEKIT_IMPORTERS = [
+    "mergekit_pcb.method",
+    "mergekit_pcb.method_scope",
+    "mergekit_pcb._mergekit_compat",
+    "mergekit_pcb.merge",
+    "mergekit_pcb.tune.capture",
+    "mergekit_pcb.tune.job",
+    "mergekit_pcb.evolve.population_merge",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", MERGEKIT_IMPORTERS)
+@pytest.mark.parametrize("layout", ["installed", "checkout"])
+def test_pcb_is_registered_whichever_module_is_imported_first(layout, module, tmp_path):
+    code = (
+        f"import {module}\n"
+        "from mergekit import merge_methods\n"
+        "print(type(merge_methods.get('pcb')).__name__)\n"
+    )
+    if layout == "checkout":  # no start-up file: the package's own hook
+        code = "import mergekit_pcb\n" + code
+    assert _python(code, layout, tmp_path).split() == ["PCBMerge"]
+
+
 def test_public_names_load_on_first_use():
     from mergekit_pcb import method, pcb
 

@@ -47,6 +47,11 @@ class _RegisterPCBOnImport:
 
 
 def _register():
+    method = sys.modules.get("mergekit_pcb.method")
+    if method is not None and not hasattr(method, "register"):
+        # Half imported: it imports mergekit's merge methods at its top, which is how we
+        # got here, and registers ``pcb`` itself at its end.
+        return
     try:
         from mergekit_pcb.method import register
 

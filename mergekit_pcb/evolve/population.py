@@ -38,7 +38,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import mergekit.merge_methods  # noqa: F401  (first: see below)
 import torch
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -52,10 +51,6 @@ from mergekit_pcb import _mergekit_compat as compat
 from mergekit_pcb.errors import ConfigError, MergeInputError
 from mergekit_pcb.evolve.offspring import OffspringKey
 from mergekit_pcb.tune.placement import Placement
-
-# mergekit.merge_methods is imported above, before _mergekit_compat: the start-up hook
-# registers ``pcb`` while mergekit's merge methods are first imported, and it fails if
-# that import starts inside _mergekit_compat, which method.py reads ParameterSpec from.
 
 LOG = logging.getLogger(__name__)
 
