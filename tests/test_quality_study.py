@@ -185,3 +185,31 @@ def test_tuned_task_arithmetic_keeps_the_grid_lambda_and_best_yml_is_the_tuned_m
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
     assert objective(merged, None) == pytest.approx(tuned["val_objective_best"], rel=1e-4)
+
+
+def test_row_cache_reuses_a_row_only_when_its_inputs_match(tmp_path) -> None:
+    from benchmarks.quality.run_study import RowCache
+
+    calls: list[int] = []
+
+    def compute(value: int) -> dict[str, int]:
+        calls.append(value)
+        return {"value": value}
+
+    tasks = ("shift", "encode")
+    first = RowCache(str(tmp_path), {"n_val": 150}, fresh=False)
+    assert first.row(tasks, "pcb", compute, 1) == {"value": 1}
+    # Stored: a later run with the same inputs does not compute it again.
+    assert RowCache(str(tmp_path), {"n_val": 150}, fresh=False).row(tasks, "pcb", compute, 2) == {
+        "value": 1
+    }
+    # Other inputs, another row of the subset, or --fresh: computed (and stored) anew.
+    assert RowCache(str(tmp_path), {"n_val": 50}, fresh=False).row(tasks, "pcb", compute, 3) == {
+        "value": 3
+    }
+    assert first.row(tasks, "ties", compute, 4) == {"value": 4}
+    assert RowCache(str(tmp_path), {"n_val": 50}, fresh=True).row(tasks, "pcb", compute, 5) == {
+        "value": 5
+    }
+    assert calls == [1, 3, 4, 5]
+    assert not list(tmp_path.rglob("*.partial"))

@@ -30,7 +30,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -283,7 +283,44 @@ def _label_folder(subset: Sequence[str], label: str) -> str:
     return f"{len(subset)}_{'-'.join(subset)}/{clean}"
 
 
-def run_subset(study: Study, tasks: tuple[str, ...], tuner_budget: int) -> dict[str, Any]:
+class RowCache:
+    """Each finished row of the study as a JSON file under ``OUT/rows/``, reused by later runs.
+
+    A row is reused only when it was computed with the same inputs (``key``: the subset,
+    the row's label and the run's settings that change results), so that rows computed by
+    separate runs (one group of rows at a time, or another seed's cache) combine into one
+    ``RESULTS.md`` without recomputing the rest. ``--fresh`` ignores what is stored.
+    """
+
+    def __init__(self, out_dir: str, settings: dict[str, Any], fresh: bool) -> None:
+        self.folder = os.path.join(out_dir, "rows")
+        self.settings = settings
+        self.fresh = fresh
+
+    def row(
+        self, tasks: Sequence[str], label: str, compute: Callable[..., dict[str, Any]], *args: Any
+    ) -> dict[str, Any]:
+        """The stored row for (tasks, label), else ``compute(*args)``, stored, then returned."""
+        path = os.path.join(self.folder, _label_folder(tasks, label) + ".json")
+        key = {"tasks": list(tasks), "label": label, **self.settings}
+        if not self.fresh and os.path.exists(path):
+            with open(path, encoding="utf-8") as file:
+                stored = json.load(file)
+            if stored["key"] == key:
+                LOG.info("%d tasks %-26s reused from %s", len(tasks), label, path)
+                return stored["row"]
+        row = compute(*args)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = path + ".partial"
+        with open(partial, "w", encoding="utf-8") as file:
+            json.dump({"key": key, "row": row}, file, indent=2)
+        os.replace(partial, path)
+        return row
+
+
+def run_subset(
+    study: Study, cache: RowCache, tasks: tuple[str, ...], tuner_budget: int
+) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for label, scores in (("base", study.base_scores), ("experts", study.expert_scores)):
         rows[label] = {
@@ -292,36 +329,34 @@ def run_subset(study: Study, tasks: tuple[str, ...], tuner_budget: int) -> dict[
         }
     specs = (*METHODS, *ABLATIONS)
     for spec in tqdm(specs, desc=f"{len(tasks)} tasks", leave=False):
-        began = time.perf_counter()
-        search = study.grid_search(spec, tasks)
-        row = study.test_merge(
-            spec,
-            search["setting"],
-            tasks,
-            _label_folder(tasks, spec.label),
-            in_memory=search["merged"],
-        )
-        row["grid"] = search["trials"]
-        row["max_abs_diff_scaled_vs_direct"] = search["max_abs_diff_scaled_vs_direct"]
-        row["seconds"] = time.perf_counter() - began
-        rows[spec.label] = row
+        rows[spec.label] = cache.row(tasks, spec.label, grid_row, study, spec, tasks)
+        row = rows[spec.label]
         LOG.info(
             "%d tasks %-26s %s  val %.3f  test %.3f (normalised char acc)",
             len(tasks),
             spec.label,
-            search["setting"],
+            row["setting"],
             row["val"]["normalized_char_acc"],
             row["test"]["normalized_char_acc"],
         )
     for spec in METHODS:
         if spec.label not in TUNED_METHODS:
             continue
-        row = study.tuned_row(spec, rows[spec.label], tasks, tuner_budget)
-        rows[tuned_label(spec.label)] = row
+        label = tuned_label(spec.label)
+        row = cache.row(
+            tasks,
+            label,
+            study.tuned_row,
+            spec,
+            rows[spec.label],
+            tasks,
+            tuner_budget,
+        )
+        rows[label] = row
         LOG.info(
             "%d tasks %-26s %s  val %.3f  test %.3f  (%d evaluations, %.0f s)",
             len(tasks),
-            tuned_label(spec.label),
+            label,
             [round(c, 2) for c in row["tuner"]["weights"]],
             row["val"]["normalized_char_acc"],
             row["test"]["normalized_char_acc"],
@@ -329,6 +364,23 @@ def run_subset(study: Study, tasks: tuple[str, ...], tuner_budget: int) -> dict[
             row["tuner"]["seconds"],
         )
     return {"tasks": list(tasks), "rows": rows}
+
+
+def grid_row(study: Study, spec: MethodSpec, tasks: tuple[str, ...]) -> dict[str, Any]:
+    """A method's grid searched on validation, its best setting merged by run_merge and scored."""
+    began = time.perf_counter()
+    search = study.grid_search(spec, tasks)
+    row = study.test_merge(
+        spec,
+        search["setting"],
+        tasks,
+        _label_folder(tasks, spec.label),
+        in_memory=search["merged"],
+    )
+    row["grid"] = search["trials"]
+    row["max_abs_diff_scaled_vs_direct"] = search["max_abs_diff_scaled_vs_direct"]
+    row["seconds"] = time.perf_counter() - began
+    return row
 
 
 def _pct(value: float) -> str:
@@ -568,6 +620,11 @@ def _tuned_tables(results: dict[str, Any], methods: Sequence[str]) -> list[str]:
     help="fraction of each expert batch drawn from the base's training mixture",
 )
 @click.option("--train-only", is_flag=True, help="build (or reuse) the models and stop")
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="recompute every row (default: reuse a row stored under OUT/rows with the same inputs)",
+)
 def main(
     out: str,
     results_md: str,
@@ -578,6 +635,7 @@ def main(
     train_seed: int,
     expert_replay: float,
     train_only: bool,
+    fresh: bool,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mergekit", "transformers", "mergekit_pcb"):
@@ -617,8 +675,19 @@ def main(
         },
         "subsets": [],
     }
+    cache = RowCache(
+        out,
+        {
+            "n_val": n_val,
+            "n_test": n_test,
+            "train_seed": train_seed,
+            "expert_replay": expert_replay,
+            "tuner_budget": tuner_budget,
+        },
+        fresh,
+    )
     for tasks in subsets(subsets_per_size):
-        results["subsets"].append(run_subset(study, tasks, tuner_budget))
+        results["subsets"].append(run_subset(study, cache, tasks, tuner_budget))
     results["settings"] = {
         "command": "python -m benchmarks.quality.run_study"
         + (f" {' '.join(sys.argv[1:])}" if sys.argv[1:] else ""),
