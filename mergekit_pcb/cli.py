@@ -11,6 +11,7 @@ On top of it:
 * the merge is written to a staging folder beside OUT_PATH and moved into place
   only when it succeeded, so a failed merge leaves OUT_PATH as it was; the weight
   shards of an earlier merge that the new one does not overwrite are removed then;
+  a second merge into an OUT_PATH that a running one is writing is refused;
 * a bad input is reported as one ``Error:`` line (``--debug``: with the traceback);
 * ``--help``, ``--version`` and the config errors that need no mergekit (a YAML syntax
   error, a model path that does not exist, a missing base model; misspelt keys are

@@ -33,6 +33,7 @@ from mergekit_pcb.config_check import (
     read_raw_config,
 )
 from mergekit_pcb.errors import ConfigError, describe_validation_error
+from mergekit_pcb.folder_lock import folder_lock
 from mergekit_pcb.model_card import add_plugin_note
 
 LOG = logging.getLogger(__name__)
@@ -104,6 +105,10 @@ def merge_into(
 ) -> None:
     """Run the merge into a staging folder, then move it into ``out_path``.
 
+    ``out_path`` is locked meanwhile (:mod:`mergekit_pcb.folder_lock`): a second merge
+    into it is refused at once. A failed merge leaves it as it was (not there, if it
+    was not).
+
     Files of ``out_path`` that the merge does not write are kept, except the weight
     shards and shard index of an earlier merge (mergekit's names only): left beside
     the new ones, a loader could read a mix of both merges. What is removed is logged.
@@ -113,24 +118,40 @@ def merge_into(
     out_path = os.path.abspath(out_path)
     if os.path.exists(out_path) and not os.path.isdir(out_path):
         raise ConfigError(f"{out_path}: exists and is not a folder")
-    parent = os.path.dirname(out_path)
-    os.makedirs(parent, exist_ok=True)
-    staging_root = tempfile.mkdtemp(prefix=".mergekit-pcb-", dir=parent)
+    created = not os.path.exists(out_path)
+    os.makedirs(out_path, exist_ok=True)  # the folder is what the lock holds
+    try:
+        with folder_lock(
+            out_path,
+            f"{out_path} is being written by another merge that is still running; wait for "
+            "it to end, or use another output folder",
+        ):
+            _staged_merge(merge_config, out_path, options, config_source)
+    except BaseException:
+        if created and not os.listdir(out_path):
+            os.rmdir(out_path)
+        raise
+
+
+def _staged_merge(
+    merge_config: MergeConfiguration,
+    out_path: str,
+    options: MergeOptions,
+    config_source: str | None,
+) -> None:
+    staging_root = tempfile.mkdtemp(prefix=".mergekit-pcb-", dir=os.path.dirname(out_path))
     # Same base name as OUT_PATH: mergekit names the model card after it.
     staged = os.path.join(staging_root, os.path.basename(out_path))
     try:
         run_merge(merge_config, staged, options=options, config_source=config_source)
         add_plugin_note(staged, merge_config.merge_method)
-        if not os.path.isdir(out_path):
-            os.replace(staged, out_path)
-        else:
-            written = set(os.listdir(staged))
-            for name in written:
-                target = os.path.join(out_path, name)
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                os.replace(os.path.join(staged, name), target)
-            remove_stale_weights(out_path, keep=written)
+        written = set(os.listdir(staged))
+        for name in written:
+            target = os.path.join(out_path, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staged, name), target)
+        remove_stale_weights(out_path, keep=written)
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
 

@@ -56,10 +56,14 @@ def open_search_run(
     work, so that a wrong directory or budget is refused at once.
     """
     run = RunDirectory.open(out_dir, run_identity(identity, settings), Evaluation.from_row)
-    run.check_budget(settings.budget)
-    if "scale_search" not in run.run_json:  # decided once, by the first run of this directory
-        run.remember(scale_search=plan_scale_search(settings, n_models))
-    planned_evaluations(settings, n_models, bool(run.run_json["scale_search"]))
+    try:
+        run.check_budget(settings.budget)
+        if "scale_search" not in run.run_json:  # decided once, by the first run here
+            run.remember(scale_search=plan_scale_search(settings, n_models))
+        planned_evaluations(settings, n_models, bool(run.run_json["scale_search"]))
+    except BaseException:
+        run.close()
+        raise
     return run
 
 
@@ -90,44 +94,44 @@ def run_search(
     """
     names = list(model_names or [f"model {i}" for i in range(n_models)])
     weights = start_weights(settings, start, names)
-    run = open_search_run(out_dir, identity, settings, n_models)
-    resumed = len(run.recorded)
-    if resumed:
-        LOG.info("resuming: %d evaluations from %s", resumed, HISTORY_FILE)
-    run.drop_cut_lines()
-    search = WeightSearch(
-        settings,
-        weights,
-        maximize=maximize,
-        scale_search=bool(run.run_json["scale_search"]),
-        model_names=names,
-    )
-    evaluator = evaluate if isinstance(evaluate, BatchEvaluator) else SerialEvaluator(evaluate)
-    progress = tqdm(total=search.planned, desc="search", unit="eval", disable=quiet)
-    try:
-        while candidates := search.ask():
-            scored, missing = run.replay(candidates, _same_weights)
-            progress.update(len(scored))
-            if missing:
-                for evaluation in evaluator.evaluate_batch(missing):
-                    run.append(evaluation)
-                    scored[evaluation.index] = evaluation
-                    if not evaluation.ok:
-                        LOG.warning(
-                            "candidate %d %s failed: %s",
-                            evaluation.index,
-                            evaluation.weights,
-                            evaluation.error.strip().splitlines()[-1],
-                        )
-                    progress.update(1)
-            for evaluation in search.tell(list(scored.values())):
-                if on_improvement is not None:
-                    on_improvement(evaluation)
-            if search.best is not None:
-                progress.set_postfix(best=f"{search.best.score:.5g}", refresh=False)
-        progress.total = len(search.history)
-    finally:
-        progress.close()
+    with open_search_run(out_dir, identity, settings, n_models) as run:
+        resumed = len(run.recorded)
+        if resumed:
+            LOG.info("resuming: %d evaluations from %s", resumed, HISTORY_FILE)
+        run.drop_cut_lines()
+        search = WeightSearch(
+            settings,
+            weights,
+            maximize=maximize,
+            scale_search=bool(run.run_json["scale_search"]),
+            model_names=names,
+        )
+        evaluator = evaluate if isinstance(evaluate, BatchEvaluator) else SerialEvaluator(evaluate)
+        progress = tqdm(total=search.planned, desc="search", unit="eval", disable=quiet)
+        try:
+            while candidates := search.ask():
+                scored, missing = run.replay(candidates, _same_weights)
+                progress.update(len(scored))
+                if missing:
+                    for evaluation in evaluator.evaluate_batch(missing):
+                        run.append(evaluation)
+                        scored[evaluation.index] = evaluation
+                        if not evaluation.ok:
+                            LOG.warning(
+                                "candidate %d %s failed: %s",
+                                evaluation.index,
+                                evaluation.weights,
+                                evaluation.error.strip().splitlines()[-1],
+                            )
+                        progress.update(1)
+                for evaluation in search.tell(list(scored.values())):
+                    if on_improvement is not None:
+                        on_improvement(evaluation)
+                if search.best is not None:
+                    progress.set_postfix(best=f"{search.best.score:.5g}", refresh=False)
+            progress.total = len(search.history)
+        finally:
+            progress.close()
     result = search.result()
     for hit in result.on_bound:
         LOG.warning(hit.message())

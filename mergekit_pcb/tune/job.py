@@ -42,7 +42,7 @@ from mergekit_pcb.tune.live_model import load_model, resolve_device
 from mergekit_pcb.tune.objectives import Objective, ReferencedObjective
 from mergekit_pcb.tune.placement import placement_for
 from mergekit_pcb.tune.records import BatchEvaluator, Candidate, Evaluation, is_better
-from mergekit_pcb.tune.run_dir import write_atomic
+from mergekit_pcb.tune.run_dir import RunDirectory, write_atomic
 from mergekit_pcb.tune.search import SearchResult, SearchSettings
 
 LOG = logging.getLogger(__name__)
@@ -75,8 +75,9 @@ class TuneResult:
 
 @dataclass
 class _Job:
-    """What the phases share: the run's config, directory and settings."""
+    """What the phases share: the run's config, directory (held open) and settings."""
 
+    run: RunDirectory[Evaluation]
     config: LoadedConfig
     out_dir: str
     names: list[str]
@@ -112,6 +113,33 @@ def tune(
     """
     settings = settings or SearchSettings()
     job = _open_job(config_file, out_dir, settings, objective, identity_objective, device)
+    try:
+        return _run_job(
+            job,
+            objective,
+            test_objective,
+            contributions,
+            device_map,
+            write_model,
+            quiet,
+            make_evaluator,
+        )
+    finally:
+        job.run.close()
+
+
+def _run_job(
+    job: _Job,
+    objective: Objective,
+    test_objective: Objective | None,
+    contributions: str,
+    device_map: str | None,
+    write_model: bool,
+    quiet: bool,
+    make_evaluator: MakeEvaluator | None,
+) -> TuneResult:
+    """Phases 2-5, in the directory that phase 1 opened and holds."""
+    out_dir = job.out_dir
     if quiet:
         from transformers.utils import logging as transformers_logging
 
@@ -160,16 +188,18 @@ def _open_job(
         "models": names,
         "objective": identity_objective or {"name": objective.name},
     }
-    open_search_run(out_dir, identity, settings, len(names))
     base = merge_config.base_model or merge_config.models[0].model
+    dtype = getattr(torch, merge_config.out_dtype or merge_config.dtype or "float32")
+    device = resolve_device(device)
     return _Job(
+        run=open_search_run(out_dir, identity, settings, len(names)),  # last: it locks
         config=config,
         out_dir=out_dir,
         names=names,
         identity=identity,
         settings=settings,
-        dtype=getattr(torch, merge_config.out_dtype or merge_config.dtype or "float32"),
-        device=resolve_device(device),
+        dtype=dtype,
+        device=device,
         base_path=str(base.model.path),
     )
 

@@ -10,6 +10,9 @@
   a crash loses nothing. Rows may come in any order (a parallel evaluator writes them as
   they finish); they are read back by index, and a line cut by a crash is dropped.
 
+One process at a time: the directory is locked while it is open (``folder_lock``), so a
+second run started on it is refused at once, and the lock goes with its process.
+
 A rerun replays the recorded rows (:meth:`RunDirectory.replay`) to a search that asks
 for the same candidates again, and evaluates only what is missing. The directory does
 not know what a candidate is: the command passes ``parse`` (a row to its record) and
@@ -23,7 +26,10 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
+
+from mergekit_pcb import folder_lock
 
 LOG = logging.getLogger(__name__)
 
@@ -118,6 +124,7 @@ class RunDirectory(Generic[R]):
         self.path = path
         self.run_json = run_json
         self.recorded = recorded
+        self._closed = False
 
     @classmethod
     def open(
@@ -130,11 +137,32 @@ class RunDirectory(Generic[R]):
     ) -> RunDirectory[R]:
         """Create ``path`` for the run ``identity``, or reopen it for the same run.
 
-        Refuses a directory that holds another run (``what``: how the refusal names
-        it), naming every setting that differs. Cheap: callers open the directory
-        before any heavy work, so that a wrong one is refused at once.
+        Refuses a directory that another process has open, or that holds another run
+        (``what``: how the refusal names it), naming every setting that differs. Cheap:
+        callers open the directory before any heavy work, so that a wrong one is refused
+        at once. The directory stays locked until :meth:`close` (or the end of a
+        ``with`` block, or of the process).
         """
         os.makedirs(path, exist_ok=True)
+        folder_lock.acquire(
+            path,
+            f"{path} is in use by another {what} that is still running; wait for it to end, "
+            "or use another output directory",
+        )
+        try:
+            return cls._read(path, identity, parse, what)
+        except BaseException:
+            folder_lock.release(path)
+            raise
+
+    @classmethod
+    def _read(
+        cls,
+        path: str,
+        identity: dict[str, Any],
+        parse: Callable[[dict[str, Any]], R],
+        what: str,
+    ) -> RunDirectory[R]:
         run_path = os.path.join(path, RUN_FILE)
         if os.path.exists(run_path):
             with open(run_path, encoding="utf-8") as file:
@@ -152,6 +180,23 @@ class RunDirectory(Generic[R]):
             run._write_run_json()
         run.recorded = read_history(run.history_path, parse)
         return run
+
+    def close(self) -> None:
+        """Release the directory for other processes (once per :meth:`open`)."""
+        if not self._closed:
+            self._closed = True
+            folder_lock.release(self.path)
+
+    def __enter__(self) -> RunDirectory[R]:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
 
     @property
     def history_path(self) -> str:
