@@ -8,8 +8,10 @@ that a mergekit upgrade fails loudly there rather than somewhere downstream.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,6 +41,24 @@ __all__ = [
 ]
 
 
+class _DropTorchDtypeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`torch_dtype` is deprecated" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_torch_dtype_setter() -> Iterator[None]:
+    """``_model_out_config`` sets ``config.torch_dtype``, which transformers now logs as
+    deprecated: the tuner's capture would print mergekit's notice as if it were ours."""
+    logger = logging.getLogger("transformers.configuration_utils")
+    notice = _DropTorchDtypeNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def plan_tensor_tasks(config: MergeConfiguration, options: MergeOptions) -> list[tuple[str, Task]]:
     """``(output tensor name, task)`` for every tensor mergekit would write for ``config``.
 
@@ -56,7 +76,10 @@ def plan_tensor_tasks(config: MergeConfiguration, options: MergeOptions) -> list
 
     config = config.model_copy(deep=True)  # the planner normalises it in place
     arch_info = get_architecture_info(config, options)
-    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    with _quiet_torch_dtype_setter():
+        out_config = _model_out_config(
+            config, arch_info, trust_remote_code=options.trust_remote_code
+        )
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     try:
         returned = planner.plan_in_memory()

@@ -89,7 +89,7 @@ def version_text() -> str:
     return f"mergekit-pcb {__version__} ({mergekit})"
 
 
-def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+def print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value and not ctx.resilient_parsing:
         click.echo(version_text())
         ctx.exit()
@@ -104,7 +104,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     is_flag=True,
     expose_value=False,
     is_eager=True,
-    callback=_print_version,
+    callback=print_version,
     help="Show the versions of mergekit-pcb and mergekit, and exit.",
 )
 @add_merge_options

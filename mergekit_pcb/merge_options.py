@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from mergekit_pcb import console
+
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
 
@@ -233,7 +235,7 @@ def configure_logging(verbosity: int) -> None:
     ``-v`` INFO, ``-vv`` DEBUG), set before mergekit is imported so that the config
     checks' warnings show; mergekit's own ``basicConfig`` call later leaves it so."""
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity == 1 else logging.WARNING
-    logging.basicConfig(level=level)
+    console.configure_logging(level)
 
 
 class SectionedHelp(click.Command):

@@ -24,6 +24,7 @@ from mergekit.common import ModelReference
 from mergekit.merge_methods import TensorGroup
 
 from mergekit_pcb import _mergekit_compat as compat
+from mergekit_pcb.console import nested_bars_disabled
 from mergekit_pcb.errors import MergeInputError, non_finite_input
 from mergekit_pcb.model_stats import whole_model_stats
 from mergekit_pcb.pcb import ModelStats, NonFiniteInputError, PCBOptions
@@ -86,7 +87,13 @@ def _compute(
 
     LOG.info("pcb scope: model: computing whole-model statistics for %d models", len(refs) - 1)
     try:
-        return whole_model_stats(tensors, densities, options, n_tensors=len(names))
+        return whole_model_stats(
+            tensors,
+            densities,
+            options,
+            n_tensors=len(names),
+            progress=not nested_bars_disabled(),
+        )
     except NonFiniteInputError as error:
         index = 0 if error.model_index is None else error.model_index + 1
         raise non_finite_input(refs[index], is_base=index == 0, tensor=error.tensor_name) from None

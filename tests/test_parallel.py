@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mergekit_pcb.tune import cli as tune_cli
 from mergekit_pcb.tune import objectives
+from mergekit_pcb.tune import parallel as tune_parallel
 from mergekit_pcb.tune.cli import main as tune_main
 from mergekit_pcb.tune.job import tune
 from mergekit_pcb.tune.records import Evaluation
@@ -286,7 +286,7 @@ def test_dead_workers_are_replaced_and_their_candidates_retried_once(
 
 def _shared(pool):
     """``ray_workers`` for the command that lends it ``pool`` (not closed after it)."""
-    original = tune_cli.ray_workers
+    original = tune_parallel.ray_workers
 
     @contextmanager
     def ray_workers(count, objective, address=None):
@@ -344,16 +344,21 @@ def test_ctrl_c_on_the_command_leaves_no_cluster_and_the_run_resumes(
     assert any("raylet" in _command_line(child) for child in children)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0 and "Aborted" in stderr, stderr
+    assert process.returncode == 130, stderr
     _, alive = psutil.wait_procs(children, timeout=30)
     assert [_command_line(p) for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
     written = read_history(str(history), Evaluation.from_row)
+    assert "Traceback" not in stderr and "Aborted" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"Interrupted: {len(written)} evaluations kept in {history}; run the same command "
+        "again to resume from them."
+    )
     assert len(written) >= 3 and all(e.ok for e in written.values())
 
     (state / "slow").unlink()
     (state / "calls").write_text("1\n" * 10)
     # Resumed in this process by the same command, on the actors of this module.
-    monkeypatch.setattr(tune_cli, "ray_workers", _shared(workers))
+    monkeypatch.setattr(tune_parallel, "ray_workers", _shared(workers))
     resumed = CliRunner().invoke(tune_main, args, catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
     total = len(read_history(str(history), Evaluation.from_row))

@@ -205,3 +205,111 @@ def test_the_progress_total_is_what_runs_with_the_scale_on_its_edge(tmp_path, mo
 
 def _settings(budget: int, **settings) -> SearchSettings:
     return SearchSettings(budget=budget, popsize=4, seed=7, **settings)
+
+
+# --- what the command prints: Ctrl-C, test scores, notes, log lines -------------------
+
+
+class _InterruptAt:
+    """An objective that raises KeyboardInterrupt at call number ``stop_at``."""
+
+    def __init__(self, objective, stop_at: int):
+        self.objective, self.stop_at, self.calls = objective, stop_at, 0
+        self.maximize, self.name = objective.maximize, objective.name
+
+    def __call__(self, model, tokenizer):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return self.objective(model, tokenizer)
+
+
+def test_ctrl_c_while_searching_is_one_line_and_the_rerun_resumes(
+    config, val, tmp_path, monkeypatch
+):
+    from mergekit_pcb.tune.objective_options import ObjectiveOptions
+
+    build = ObjectiveOptions.build
+    monkeypatch.setattr(
+        ObjectiveOptions, "build", lambda self: (_InterruptAt(build(self)[0], 4), None)
+    )
+    out = tmp_path / "out"
+    args = [config, str(out), "--val", val, "--budget", "6", "--popsize", "4", "--no-scale-search"]
+    stopped = CliRunner().invoke(main, [*args, "--quiet"])
+    assert stopped.exit_code == 130
+    assert _lines(stopped) == [
+        f"Interrupted: 3 evaluations kept in {out / HISTORY_FILE}; run the same command again "
+        "to resume from them."
+    ]
+    monkeypatch.setattr(ObjectiveOptions, "build", build)
+    again = CliRunner().invoke(main, [*args, "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert "over 5 evaluations (3 of them resumed from history.jsonl)" in again.output
+
+
+def test_ctrl_c_while_starting_up_is_one_line(config, val, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "load_model", interrupted)
+    result = CliRunner().invoke(main, [config, str(tmp_path / "out"), "--val", val, "--quiet"])
+    assert result.exit_code == 130
+    assert _lines(result) == ["Interrupted before any evaluation finished; nothing to resume."]
+
+
+def test_test_scores_are_printed(config, val, tmp_path):
+    out, test = tmp_path / "out", tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"text": "2 apples"}) + "\n")
+    args = [config, str(out), "--val", val, "--test", str(test), "--budget", "5"]
+    result = CliRunner().invoke(main, [*args, "--popsize", "4", "--no-scale-search", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    for label in ("start", "best"):
+        line = next(x for x in _lines(result) if x.strip().startswith(f"{label} "))
+        assert f" test {summary[label]['test_score']!s} " in line, line
+
+
+def test_the_bound_note_is_printed_once(config, tmp_path):
+    from mergekit_pcb.tune.search import BoundHit
+
+    # A flat objective: nothing beats the start, which sits on the upper bound.
+    objective = tmp_path / "flat.py"
+    objective.write_text("def score(model, tokenizer):\n    return 0.0\n")
+    out = tmp_path / "out"
+    args = [config, str(out), "--objective", "function", "--function", f"{objective}:score"]
+    options = ["--maximize", "--lower", "0.5", "--upper", "1.0", "--start", "1.0"]
+    result = CliRunner().invoke(main, [*args, *options, "--budget", "5", "--popsize", "4"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads((out / "summary.json").read_text())["on_bound"]
+    assert len(hits) == 3  # each model's weight
+    for hit in hits:
+        assert result.output.count(BoundHit(**hit).message()) == 1, result.output
+
+
+def test_log_lines_read_warning_not_the_logger_name(tiny_models, val, tmp_path):
+    config = write_config(
+        str(tmp_path / "pcb.yml"), tiny_models, per_model={"math": {"desnity": 0.1}}
+    )
+    args = [config, str(tmp_path / "out"), "--val", val, "--budget", "5", "--popsize", "4"]
+    result = CliRunner().invoke(main, [*args, "--no-scale-search", "--quiet"])
+    assert result.exit_code == 0, result.output
+    lines = [x for x in _lines(result) if "desnity" in x]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), result.output
+    assert "WARNING:" not in result.output
+
+
+def test_the_capture_prints_no_deprecation_notice(tune_config, caplog):
+    """mergekit's output config sets ``torch_dtype``, which transformers logs as
+    deprecated, once per process: the capture's plan must not show it."""
+    from mergekit.options import MergeOptions
+    from transformers.utils import logging as transformers_logging
+
+    from mergekit_pcb import _mergekit_compat as compat
+    from mergekit_pcb.merge import read_config
+
+    warning_once = logging.Logger.warning_once  # transformers' lru-cached method
+    warning_once.cache_clear()
+    transformers_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        assert compat.plan_tensor_tasks(read_config(tune_config).merge_config, MergeOptions())
+    assert "deprecated" not in caplog.text

@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mergekit_pcb import _mergekit_compat as compat
+from mergekit_pcb.console import bars_disabled
 from mergekit_pcb.errors import ConfigError, MergeInputError
 from mergekit_pcb.evolve.offspring import OffspringKey
 from mergekit_pcb.tune.placement import Placement
@@ -507,7 +508,7 @@ def write_model_folder(
             list(zip(files, shards, strict=True)),
             desc=f"Writing {os.path.basename(folder)}",
             unit="shard",
-            disable=quiet,
+            disable=bars_disabled(quiet),
             leave=False,
         ):
             part = {n: tensors.get(n, "cpu").contiguous() for n in names}

@@ -63,6 +63,7 @@ from mergekit.sparsify import SparsificationMethod
 from tqdm import tqdm
 
 from mergekit_pcb import _mergekit_compat as compat
+from mergekit_pcb.console import bars_disabled
 from mergekit_pcb.errors import ConfigError, MergeInputError, non_finite_input
 from mergekit_pcb.evolve.population import ModelTensors, individual_refs, stored_info
 from mergekit_pcb.method import PCBMerge
@@ -261,7 +262,7 @@ class PopulationMerge:
             if draws_random_masks(merge_methods.get(config.merge_method))
             else None
         )
-        self.stats = PopulationStats(progress=not self.options.quiet)
+        self.stats = PopulationStats(progress=not bars_disabled(self.options.quiet))
         self._private: str | None = None
         if any(_needs_population_stats(p.task) for p in self.planned):
             self._register_private_pcb()
@@ -362,7 +363,7 @@ class PopulationMerge:
                 self.fixed if fixed else self.varying,
                 desc="Merging the population",
                 unit="tensor",
-                disable=self.options.quiet,
+                disable=bars_disabled(self.options.quiet),
                 leave=False,
             ):
                 value = self._merge(planned, sources)

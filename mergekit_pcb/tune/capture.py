@@ -36,6 +36,7 @@ from mergekit.options import MergeOptions
 from tqdm import tqdm
 
 from mergekit_pcb import _mergekit_compat as compat
+from mergekit_pcb.console import bars_disabled
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.method import METHOD_NAME, naming_non_finite_inputs, prepare_group
 from mergekit_pcb.pcb import undivided_contributions
@@ -244,7 +245,7 @@ def capture_contributions(
             total=len(name_of),
             desc="Capturing contributions",
             unit="tensor",
-            disable=options.quiet,
+            disable=bars_disabled(options.quiet),
         ):
             name = name_of[task]
             if name not in collector.terms and value is not None:

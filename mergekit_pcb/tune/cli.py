@@ -3,6 +3,10 @@
 A thin command over :func:`mergekit_pcb.tune.job.tune`: it parses the options,
 builds the objective (``objective_options.py``), and prints the result. Defaults are
 :class:`~mergekit_pcb.tune.search.SearchSettings`'s.
+
+``--help``, ``--version`` and the config errors that need no mergekit answer before
+torch and mergekit are imported (the job's modules are imported once they pass).
+Ctrl-C ends the command with one line saying what was kept and how to resume.
 """
 
 from __future__ import annotations
@@ -12,16 +16,24 @@ import os
 
 import click
 
-from mergekit_pcb.cli import DEBUG_HELP, reported_errors
-from mergekit_pcb.tune.job import tune
+from mergekit_pcb.cli import DEBUG_HELP, print_version, reported_errors
+from mergekit_pcb.config_check import read_raw_config
+from mergekit_pcb.console import configure_logging
 from mergekit_pcb.tune.objective_options import ObjectiveOptions, objective_options
-from mergekit_pcb.tune.parallel import ray_workers
+from mergekit_pcb.tune.records import Evaluation
+from mergekit_pcb.tune.run_dir import HISTORY_FILE, read_history
 from mergekit_pcb.tune.search import SearchSettings
 
 DEFAULTS = SearchSettings()
 
 
-@click.command("mergekit-pcb-tune")
+@click.command(
+    "mergekit-pcb-tune",
+    epilog="Outputs in OUT_DIR: best.yml (run `mergekit-yaml best.yml OUT` for the tuned "
+    "model), history.jsonl, summary.json, scores.png. Every evaluation is written as it "
+    "ends: after Ctrl-C or a crash, the same command resumes where the run stopped, and a "
+    "larger --budget extends a finished run.",
+)
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @objective_options
@@ -126,6 +138,14 @@ DEFAULTS = SearchSettings()
 @click.option("--write-model", is_flag=True, help="also merge best.yml into OUT_DIR/merged")
 @click.option("--quiet", is_flag=True, help="no progress bars, warnings only")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=print_version,
+    help="Show the versions of mergekit-pcb and mergekit, and exit.",
+)
 def main(
     config_file: str,
     out_dir: str,
@@ -151,54 +171,81 @@ def main(
     quiet: bool,
     debug: bool,
 ) -> None:
-    """Tune the per-model weights of the merge in CONFIG_FILE; write results to OUT_DIR."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    with reported_errors(debug):
-        settings = SearchSettings(
-            start=start,
-            lower=lower,
-            upper=upper,
-            lower_factor=lower_factor,
-            upper_factor=upper_factor,
-            scale_search=scale_search,
-            scale_min=scale_min,
-            scale_max=scale_max,
-            sigma0=sigma0,
-            popsize=popsize,
-            budget=budget,
-            seed=seed,
-        )
-        objective, test_objective = objective_spec.build()
-        identity_objective = objective_spec.identity()
-        with ray_workers(workers, objective, ray_address) as make_evaluator:
-            result = tune(
-                config_file,
-                out_dir,
-                objective,
-                settings,
-                identity_objective=identity_objective,
-                test_objective=test_objective,
-                contributions=contributions,
-                device=device,
-                device_map=device_map,
-                write_model=write_model,
-                quiet=quiet,
-                make_evaluator=make_evaluator,
+    """Tune the per-model weights of the merge in CONFIG_FILE; write results to OUT_DIR.
+
+    \b
+    CONFIG_FILE  a mergekit YAML config whose merge_method is pcb, task_arithmetic or linear
+    OUT_DIR      the run's folder, created if missing; rerun the same command on it to resume
+    """
+    configure_logging(logging.WARNING if quiet else logging.INFO)
+    try:
+        with reported_errors(debug):
+            raw_config = read_raw_config(config_file)
+            settings = SearchSettings(
+                start=start,
+                lower=lower,
+                upper=upper,
+                lower_factor=lower_factor,
+                upper_factor=upper_factor,
+                scale_search=scale_search,
+                scale_min=scale_min,
+                scale_max=scale_max,
+                sigma0=sigma0,
+                popsize=popsize,
+                budget=budget,
+                seed=seed,
             )
+            # The job needs torch, mergekit and transformers: seconds of imports, paid
+            # once the checks above have passed.
+            from mergekit_pcb.tune.job import tune
+            from mergekit_pcb.tune.parallel import ray_workers
+
+            objective, test_objective = objective_spec.build()
+            with ray_workers(workers, objective, ray_address) as make:
+                result = tune(
+                    raw_config,
+                    out_dir,
+                    objective,
+                    settings,
+                    identity_objective=objective_spec.identity(),
+                    test_objective=test_objective,
+                    contributions=contributions,
+                    device=device,
+                    device_map=device_map,
+                    write_model=write_model,
+                    quiet=quiet,
+                    make_evaluator=make,
+                )
+    except KeyboardInterrupt:
+        click.echo(interrupted_line(out_dir), err=True)
+        raise click.exceptions.Exit(130) from None
     direction = "higher" if objective.maximize else "lower"
-    # Also said in the output, which --quiet keeps (the search logs it as it starts).
     resumed = result.search.resumed
-    replayed = f" ({resumed} of them resumed from history.jsonl)" if resumed else ""
+    replayed = f" ({resumed} of them resumed from {HISTORY_FILE})" if resumed else ""
     click.echo(
         f"{objective.name} ({direction} is better) over {len(result.history)} evaluations"
         + replayed
     )
     for label, e in (("start", result.start), ("best", result.best)):
         weights = ", ".join(f"{w:.4f}" for w in e.weights)
-        click.echo(f"  {label:<5} score {e.score!s:<12} weights [{weights}]")
+        test = result.test_scores.get(label)
+        tested = "" if test is None else f" test {test!s:<12}"
+        click.echo(f"  {label:<5} score {e.score!s:<12}{tested} weights [{weights}]")
     for hit in result.search.on_bound:
         click.echo(f"  note: {hit.message()}")
     click.echo(f"best config: {os.path.join(out_dir, 'best.yml')}")
+
+
+def interrupted_line(out_dir: str) -> str:
+    """What Ctrl-C leaves: the evaluations kept, and how to go on."""
+    path = os.path.join(out_dir, HISTORY_FILE)
+    kept = len(read_history(path, Evaluation.from_row)) if os.path.exists(path) else 0
+    if not kept:
+        return "Interrupted before any evaluation finished; nothing to resume."
+    return (
+        f"Interrupted: {kept} evaluations kept in {path}; run the same command again to "
+        "resume from them."
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 import numpy as np
 from tqdm import tqdm
 
+from mergekit_pcb.console import bars_disabled
 from mergekit_pcb.tune.records import (
     BatchEvaluator,
     Candidate,
@@ -107,7 +108,9 @@ def run_search(
             model_names=names,
         )
         evaluator = evaluate if isinstance(evaluate, BatchEvaluator) else SerialEvaluator(evaluate)
-        progress = tqdm(total=search.planned, desc="search", unit="eval", disable=quiet)
+        progress = tqdm(
+            total=search.planned, desc="search", unit="eval", disable=bars_disabled(quiet)
+        )
         try:
             while candidates := search.ask():
                 scored, missing = run.replay(candidates, _same_weights)
@@ -132,7 +135,5 @@ def run_search(
             progress.total = len(search.history)
         finally:
             progress.close()
-    result = search.result()
-    for hit in result.on_bound:
-        LOG.warning(hit.message())
-    return replace(result, resumed=resumed)
+    # The bound notes are the caller's to show (the command prints them once, last).
+    return replace(search.result(), resumed=resumed)

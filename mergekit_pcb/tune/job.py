@@ -34,7 +34,8 @@ import torch
 import yaml
 from mergekit.options import MergeOptions
 
-from mergekit_pcb.merge import LoadedConfig, merge_into, read_config
+from mergekit_pcb.config_check import RawConfig
+from mergekit_pcb.merge import LoadedConfig, merge_into, parse_config, read_config
 from mergekit_pcb.tune.capture import capture_contributions, tuned_model_names
 from mergekit_pcb.tune.contributions import Contributions, named_tensors
 from mergekit_pcb.tune.driver import open_search_run, run_search
@@ -59,6 +60,7 @@ class TuneResult:
     row_bytes: int  # the contributions stored, without the base
     bytes_per_parameter_per_model: float
     placement: str
+    test_scores: dict[str, float]  # "start" and "best" on the test objective, if any
 
     @property
     def best(self) -> Evaluation:
@@ -89,7 +91,7 @@ class _Job:
 
 
 def tune(
-    config_file: str,
+    config_file: str | RawConfig,
     out_dir: str,
     objective: Objective,
     settings: SearchSettings | None = None,
@@ -105,6 +107,7 @@ def tune(
 ) -> TuneResult:
     """Run a whole tuning job (see the module docstring); return the result.
 
+    ``config_file``: the config's path, or the config as ``read_raw_config`` read it.
     ``identity_objective``: what identifies the objective in ``run.json`` (default: its
     name). ``contributions``: where they live (``auto``, ``device``, ``cpu``, ``disk``).
     ``make_evaluator``: builds the :class:`~mergekit_pcb.tune.records.BatchEvaluator`
@@ -152,7 +155,9 @@ def _run_job(
     model, captured = _load_and_capture(job, contributions, device_map, quiet)
     try:
         result = _search(job, objective, captured, model, tokenizer, make_evaluator, quiet)
-        _write_outputs(job, result, objective, test_objective, captured, model, tokenizer)
+        test_scores = _write_outputs(
+            job, result, objective, test_objective, captured, model, tokenizer
+        )
     finally:
         shutil.rmtree(os.path.join(out_dir, CACHE_DIR), ignore_errors=True)
     if write_model:
@@ -168,11 +173,12 @@ def _run_job(
         captured.row_bytes,
         captured.bytes_per_parameter_per_model,
         captured.placement.describe(),
+        test_scores,
     )
 
 
 def _open_job(
-    config_file: str,
+    config_file: str | RawConfig,
     out_dir: str,
     settings: SearchSettings,
     objective: Objective,
@@ -180,7 +186,11 @@ def _open_job(
     device: str,
 ) -> _Job:
     """Phase 1: the config read and checked, OUT_DIR opened (or refused) for the run."""
-    config = read_config(config_file)
+    config = (
+        parse_config(config_file)
+        if isinstance(config_file, RawConfig)
+        else read_config(config_file)
+    )
     merge_config = config.merge_config
     names = tuned_model_names(merge_config)
     identity = {
@@ -282,15 +292,17 @@ def _write_outputs(
     captured: Contributions,
     model: Any,
     tokenizer: Any,
-) -> None:
-    """Phase 5: ``scores.png`` and ``summary.json`` (test scores of the start and best)."""
+) -> dict[str, float]:
+    """Phase 5: ``scores.png`` and ``summary.json``; the test scores of the start and best."""
     plot_scores(result.history, objective, os.path.join(job.out_dir, "scores.png"))
     summary = _summary(result, objective, job.names, captured)
+    test_scores = {}
     if test_objective is not None:
         for key, evaluation in (("start", result.start), ("best", result.best)):
             captured.apply(model, evaluation.weights)
-            summary[key]["test_score"] = float(test_objective(model, tokenizer))
+            test_scores[key] = summary[key]["test_score"] = float(test_objective(model, tokenizer))
     write_atomic(os.path.join(job.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    return test_scores
 
 
 def best_config_yaml(raw: dict, model_names: Sequence[str], weights: Sequence[float]) -> str:

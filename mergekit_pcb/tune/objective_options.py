@@ -20,12 +20,14 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from mergekit_pcb.tune import objectives
 from mergekit_pcb.tune.run_dir import sha256_file
+
+if TYPE_CHECKING:
+    from mergekit_pcb.tune import objectives
 
 #: The kinds whose validation files are scored by this package (and so may have --test).
 _FILE_KINDS = ("loss", "exact-match")
@@ -51,6 +53,8 @@ def build_objective(
     lm_eval_limit: int | None,
 ) -> objectives.Objective:
     """The objective of ``--objective kind`` and the options that go with it."""
+    from mergekit_pcb.tune import objectives  # here: it imports torch
+
     normalized = combine == "normalized"
     if kind in _FILE_KINDS:
         if not val:
@@ -150,7 +154,11 @@ _OPTIONS = (
         show_default=True,
         help="normalized: each task divided by the best fine-tune's score",
     ),
-    click.option("--function", help="pkg.module:function(model, tokenizer) -> float"),
+    click.option(
+        "--function",
+        help="your objective, function(model, tokenizer) -> float, as pkg.module:function "
+        "or path/to/file.py:function",
+    ),
     click.option("--maximize/--minimize", default=None, help="direction of --function"),
     click.option("--lm-eval-task", multiple=True, help="lm-evaluation-harness task (validation!)"),
     click.option(

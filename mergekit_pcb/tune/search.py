@@ -33,12 +33,15 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import cma
 import numpy as np
 
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.tune.records import Candidate, Evaluation, is_better
+
+if TYPE_CHECKING:
+    import cma
 
 LOG = logging.getLogger(__name__)
 
@@ -155,6 +158,8 @@ def scale_grid(settings: SearchSettings) -> list[float]:
 def default_popsize(n_models: int, settings: SearchSettings) -> int:
     if settings.popsize is not None:
         return settings.popsize
+    import cma  # here: cma imports scipy (about a second), which --help need not wait for
+
     return int(cma.CMAOptions().eval("popsize", loc={"N": n_models}))
 
 
@@ -400,6 +405,8 @@ class WeightSearch:
             if settings.absolute
             else [1.0] * self.n_models
         )
+        import cma
+
         self._es = cma.CMAEvolutionStrategy(
             x0,
             settings.sigma0,
