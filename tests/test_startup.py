@@ -24,22 +24,24 @@ from mergekit_pcb.errors import ConfigError
 from tests.conftest import write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAVY = ("torch", "mergekit", "transformers")
+HEAVY = ("torch", "mergekit", "transformers", "cma")
 
-#: Runs the command in-process with the given arguments; at exit (click exits) it
+#: Runs a command in-process with the given arguments; at exit (click exits) it
 #: writes to stderr which heavy modules were imported by then.
 _COMMAND = f"""
-import atexit, json, sys
+import atexit, importlib, json, sys
 atexit.register(lambda: print("HEAVY " + json.dumps(
     sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr))
-from mergekit_pcb.cli import main
-main(sys.argv[1:], prog_name="mergekit-pcb")
+module, prog = sys.argv[1:3]
+importlib.import_module(module).main(sys.argv[3:], prog_name=prog)
 """
 
 
-def _command(args: list[str]) -> tuple[int, str, list[str]]:
+def _command(
+    args: list[str], module: str = "mergekit_pcb.cli", prog: str = "mergekit-pcb"
+) -> tuple[int, str, list[str]]:
     done = subprocess.run(
-        [sys.executable, "-c", _COMMAND, *args],
+        [sys.executable, "-c", _COMMAND, module, prog, *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -92,6 +94,26 @@ def test_config_errors_that_need_no_mergekit_answer_without_torch(tmp_path):
     assert f"Error: {missing}: model {gone}: no such folder, and not a Hugging Face repo id" in (
         output
     )
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_tuner_answers_help_version_and_config_errors_without_torch(tmp_path):
+    tuner = {"module": "mergekit_pcb.tune.cli", "prog": "mergekit-pcb-tune"}
+    code, output, heavy = _command(["--help"], **tuner)
+    assert (code, heavy) == (0, []), output
+    for text in ("CONFIG_FILE", "resume", "history.jsonl", "best.yml", "path/to/file.py:function"):
+        assert text in output
+    code, output, heavy = _command(["--version"], **tuner)
+    assert (code, heavy) == (0, [])
+    assert output.startswith(f"mergekit-pcb {mergekit_pcb.__version__} (mergekit ")
+
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"text": "a"}\n')
+    syntax = tmp_path / "syntax.yml"
+    syntax.write_text("merge_method: pcb\nbase_model: [unclosed\n")
+    code, output, heavy = _command([str(syntax), str(tmp_path / "out"), "--val", str(val)], **tuner)
+    assert (code, heavy) == (1, [])
+    assert f"Error: {syntax}: line 3, column 1: not valid YAML" in output
     assert not (tmp_path / "out").exists()
 
 
