@@ -65,3 +65,21 @@ def describe_validation_error(error: ValidationError) -> str:
             message = f"{item['msg']} (got {item.get('input')!r})"
         problems.append(f"{field_path(item['loc'])}: {message}")
     return "; ".join(problems)
+
+
+def require_method_registry(merge_methods: Any) -> None:
+    """Raise ImportError naming the mergekit needed when ``mergekit.merge_methods`` has
+    no public registry (``register``, ``registered_methods``): mergekit 0.1.4 and the
+    older sources on GitHub, where ``pcb`` cannot be registered."""
+    if hasattr(merge_methods, "register") and hasattr(merge_methods, "registered_methods"):
+        return
+    from importlib import metadata
+
+    try:
+        installed = f"mergekit {metadata.version('mergekit')}"
+    except metadata.PackageNotFoundError:
+        installed = "this mergekit"
+    raise ImportError(
+        f"mergekit-pcb needs mergekit 0.1.5 or later, whose mergekit.merge_methods has the "
+        f"public register(); {installed} does not: pip install 'mergekit>=0.1.5'"
+    )

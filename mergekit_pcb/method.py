@@ -26,14 +26,21 @@ from typing import Annotated, Any, Literal
 
 import torch
 from mergekit import merge_methods
-from mergekit.merge_methods import (
-    BasePolicy,
-    GroupMergeMethod,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    TensorGroup,
-)
+
+try:
+    from mergekit.merge_methods import (
+        BasePolicy,
+        GroupMergeMethod,
+        InputContract,
+        MergeMethodSpec,
+        ParameterScope,
+        TensorGroup,
+    )
+except ImportError:  # an older mergekit: say which one is needed
+    from mergekit_pcb.errors import require_method_registry
+
+    require_method_registry(merge_methods)
+    raise
 
 # Not re-exported by mergekit.merge_methods, and needed for a parameter named ``lambda``.
 # Imported from mergekit here, not through _mergekit_compat (which pins it): see the
@@ -41,7 +48,7 @@ from mergekit.merge_methods import (
 from mergekit.merge_methods.base import ParameterSpec
 from pydantic import AfterValidator
 
-from mergekit_pcb.errors import MergeInputError, non_finite_input
+from mergekit_pcb.errors import MergeInputError, non_finite_input, require_method_registry
 from mergekit_pcb.names import METHOD_NAME
 from mergekit_pcb.pcb import (
     ModelStats,
@@ -259,6 +266,7 @@ def register() -> merge_methods.MergeMethod:
     Idempotent. If another ``pcb`` is already registered (a future mergekit may ship
     its own), that one is kept and a warning says so.
     """
+    require_method_registry(merge_methods)
     existing = {m.spec.name: m for m in merge_methods.registered_methods()}.get(METHOD_NAME)
     if existing is None:
         method = PCBMerge()

@@ -205,3 +205,20 @@ def test_only_mergekit_weight_names_are_removed(tmp_path):
     kept += ["model-00001-of-00002.bin", "optimizer.bin", "consolidated.safetensors"]
     kept += ["model-00009-of-00009.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_a_mergekit_without_the_method_registry_is_named_with_the_version_needed(monkeypatch):
+    import types
+
+    from mergekit import merge_methods
+
+    from mergekit_pcb.errors import require_method_registry
+    from mergekit_pcb.method import register
+
+    require_method_registry(merge_methods)  # mergekit 0.1.5 has it
+    old = types.SimpleNamespace(get=lambda name: None)  # 0.1.4's module: no register()
+    with pytest.raises(ImportError, match=r"needs mergekit 0\.1\.5 or later.*>=0\.1\.5'$"):
+        require_method_registry(old)
+    monkeypatch.delattr(merge_methods, "register")
+    with pytest.raises(ImportError, match=r"^mergekit-pcb needs mergekit 0\.1\.5 or later"):
+        register()

@@ -313,3 +313,20 @@ def test_the_capture_prints_no_deprecation_notice(tune_config, caplog):
     with caplog.at_level(logging.WARNING):
         assert compat.plan_tensor_tasks(read_config(tune_config).merge_config, MergeOptions())
     assert "deprecated" not in caplog.text
+
+
+def test_a_base_without_tokenizer_files_is_one_line_naming_the_folder(tiny_models, val, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["base"], base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base / name).unlink(missing_ok=True)
+    config = write_config(str(tmp_path / "pcb.yml"), {**tiny_models, "base": str(base)})
+    result = CliRunner().invoke(main, [config, str(tmp_path / "out"), "--val", val, "--quiet"])
+    assert result.exit_code == 1
+    (line,) = _lines(result)
+    assert line.startswith(f"Error: {base}: no tokenizer could be loaded from the base model's")
+    assert line.endswith(
+        "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
+    )

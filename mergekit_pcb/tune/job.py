@@ -35,6 +35,7 @@ import yaml
 from mergekit.options import MergeOptions
 
 from mergekit_pcb.config_check import RawConfig
+from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.merge import LoadedConfig, merge_into, parse_config, read_config
 from mergekit_pcb.tune.capture import capture_contributions, tuned_model_names
 from mergekit_pcb.tune.contributions import Contributions, named_tensors
@@ -149,7 +150,15 @@ def _run_job(
         transformers_logging.disable_progress_bar()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(job.base_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(job.base_path)
+    except (OSError, ValueError) as error:  # transformers' message names no folder
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"{job.base_path}: no tokenizer could be loaded from the base model's folder "
+            f"({reason}); the tuner scores candidates with the base's tokenizer: copy the "
+            "tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
+        ) from None
     if isinstance(objective, ReferencedObjective) and objective.normalized:
         _set_reference_scores(job, objective, tokenizer)
     model, captured = _load_and_capture(job, contributions, device_map, quiet)
