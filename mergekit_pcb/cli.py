@@ -95,11 +95,8 @@ def print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         ctx.exit()
 
 
-@click.command("mergekit-pcb", cls=SectionedHelp)
-@click.argument("config_file")
-@click.argument("out_path")
-@click.option("--debug", is_flag=True, help=DEBUG_HELP)
-@click.option(
+#: ``--version`` of every command: both versions, then exit.
+version_option = click.option(
     "--version",
     is_flag=True,
     expose_value=False,
@@ -107,6 +104,13 @@ def print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     callback=print_version,
     help="Show the versions of mergekit-pcb and mergekit, and exit.",
 )
+
+
+@click.command("mergekit-pcb", cls=SectionedHelp)
+@click.argument("config_file")
+@click.argument("out_path")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@version_option
 @add_merge_options
 def main(merge_values: dict[str, Any], config_file: str, out_path: str, debug: bool) -> None:
     """Merge the models in CONFIG_FILE into OUT_PATH: mergekit-yaml, with `pcb` known.

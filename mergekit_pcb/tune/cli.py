@@ -16,7 +16,7 @@ import os
 
 import click
 
-from mergekit_pcb.cli import DEBUG_HELP, print_version, reported_errors
+from mergekit_pcb.cli import DEBUG_HELP, reported_errors, version_option
 from mergekit_pcb.config_check import read_raw_config
 from mergekit_pcb.console import configure_logging
 from mergekit_pcb.tune.objective_options import ObjectiveOptions, objective_options
@@ -138,14 +138,7 @@ DEFAULTS = SearchSettings()
 @click.option("--write-model", is_flag=True, help="also merge best.yml into OUT_DIR/merged")
 @click.option("--quiet", is_flag=True, help="no progress bars, warnings only")
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
-@click.option(
-    "--version",
-    is_flag=True,
-    expose_value=False,
-    is_eager=True,
-    callback=print_version,
-    help="Show the versions of mergekit-pcb and mergekit, and exit.",
-)
+@version_option
 def main(
     config_file: str,
     out_dir: str,
