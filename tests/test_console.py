@@ -42,6 +42,7 @@ def test_scope_model_bars_follow_quiet_and_tqdm_disable(
     )
     method_scope._cache.clear()  # the statistics are computed (and their bar drawn) anew
     run_merge(read_config(config).merge_config, str(tmp_path / "out"), MergeOptions(quiet=quiet))
+    method_scope._cache.clear()  # nor reused by a later test that counts the bars
     assert (STATS_BAR in capsys.readouterr().err) is shown
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import mergekit_pcb
-from mergekit_pcb import model_stats
+from mergekit_pcb import method_scope, model_stats
 from mergekit_pcb.method import DEFAULT_DENSITY, PCBMerge, register
 from tests.bars import RecordingBar
 from tests.conftest import write_config
@@ -285,6 +285,7 @@ def test_scope_model_names_a_non_finite_tensor_anywhere(tiny_models, tmp_path):
 def test_scope_model_progress_bars_have_their_total(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(model_stats, "tqdm", RecordingBar)
     RecordingBar.made.clear()
+    method_scope._cache.clear()  # computed here, not reused from another test's merge
     config_path = write_config(
         str(tmp_path / "pcb.yml"), tiny_models, parameters={"scope": "model", "lambda": 0.9}
     )
