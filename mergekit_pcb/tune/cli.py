@@ -232,7 +232,7 @@ def main(
 def interrupted_line(out_dir: str) -> str:
     """What Ctrl-C leaves: the evaluations kept, and how to go on."""
     path = os.path.join(out_dir, HISTORY_FILE)
-    kept = len(read_history(path, Evaluation.from_row)) if os.path.exists(path) else 0
+    kept = len(read_history(path, Evaluation.from_row))  # {} when there is no history yet
     if not kept:
         return "Interrupted before any evaluation finished; nothing to resume."
     return (
