@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from mergekit_pcb.merge import load_config, merge_into
 from mergekit_pcb.tune import objectives
-from mergekit_pcb.tune.capture import capture_contributions
+from mergekit_pcb.tune.capture import capture_contributions, plan_weights
 from mergekit_pcb.tune.job import tune
 from mergekit_pcb.tune.run_dir import RunMismatchError
 from mergekit_pcb.tune.search import SearchSettings
+from mergekit_pcb.tune.weight_layout import layout_for
 from tests.conftest import write_config
 
 TARGET = [1.6, 0.8, 2.2]
@@ -156,3 +157,42 @@ def test_a_different_run_in_the_same_directory_is_refused(
         _run(other, tmp_path / "run", objective, _settings(budget=10, popsize=4))
     with pytest.raises(RunMismatchError, match="differs in: settings"):
         _run(tune_config, tmp_path / "run", objective, _settings(budget=10, popsize=4, seed=9))
+
+
+def test_structured_search_keeps_the_structure_and_best_yml_reproduces_it(
+    tune_config, target_state, tmp_path
+):
+    """--layer-points and --module-groups: the search runs over every number of the
+    expanded settings, best.yml holds them in that structure, and mergekit's merge of
+    best.yml is the tuner's best candidate."""
+    objective = _distance_objective(target_state)
+    settings = _settings(budget=40, popsize=6)
+    space = {"layer_points": 2, "module_groups": ["self_attn"]}
+    result = _run(tune_config, tmp_path / "run", objective, settings, **space)
+    assert len(result.start.weights) == 3 * 2 * 2  # models x groups (self_attn, rest) x points
+    assert result.best.score < result.start.score
+    best = yaml.safe_load((tmp_path / "run" / "best.yml").read_text())
+    numbers = iter(result.best.weights)
+    for entry in best["models"]:
+        setting = entry["parameters"]["weight"]
+        assert [g.get("filter") for g in setting] == ["self_attn", None]
+        assert [v for g in setting for v in g["value"]] == [next(numbers) for _ in range(4)]
+    merged = _merge_to_disk(str(tmp_path / "run" / "best.yml"), str(tmp_path / "best-merge"))
+    model = AutoModelForCausalLM.from_pretrained(config_base(tune_config), dtype=torch.float32)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    first = best["models"][0]["model"]
+    assert summary["numbers"][1] == f"{first}: weight filter self_attn point 2 of 2"
+    raw = yaml.safe_load(open(tune_config, encoding="utf-8"))
+    names = [m["model"] for m in raw["models"]]
+    layout = layout_for(raw, names, **space).resolved(
+        raw, lambda r: plan_weights(r, MergeOptions(quiet=True))
+    )
+    merge_config, _ = load_config(tune_config)
+    contributions = capture_contributions(merge_config, layout=layout)
+    contributions.load_fixed(model)
+    contributions.apply(model, result.best.weights)
+    state = model.state_dict()
+    for name, tensor in merged.items():
+        assert (state[name] - tensor).abs().max().item() <= 1e-6, name
+    with pytest.raises(RunMismatchError, match="search_space"):
+        _run(tune_config, tmp_path / "run", objective, settings, layer_points=3)

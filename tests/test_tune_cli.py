@@ -85,6 +85,27 @@ def test_config_errors_are_one_line_and_debug_shows_them(tiny_models, val, tmp_p
     assert isinstance(debug.exception, ConfigError)
 
 
+def test_search_space_errors_are_one_line_and_write_nothing(tiny_models, val, tmp_path):
+    config = write_config(
+        str(tmp_path / "ta.yml"),
+        tiny_models,
+        merge_method="task_arithmetic",
+        per_model={"code": {"weight": [1.0, "many"]}},
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [config, str(out), "--val", val])
+    assert result.exit_code == 1
+    assert _lines(result) == [
+        f"Error: {config}: {tiny_models['code']}: weight: [1.0, 'many'] is not a number, a list "
+        "of numbers (a gradient) or a list of {filter, value} entries whose values are those; "
+        "the tuner searches the numbers of a weight setting, so it needs them to be numbers"
+    ]
+    assert not out.exists()
+    result = CliRunner().invoke(main, [config, str(out), "--val", val, "--module-groups", ",mlp"])
+    assert _lines(result) == ["Error: --module-groups needs distinct non-empty names, got ',mlp'"]
+    assert not out.exists()
+
+
 def test_every_option_has_help():
     options = [p for p in main.params if isinstance(p, click.Option)]
     assert len(options) >= 25

@@ -23,6 +23,7 @@ from mergekit_pcb.tune.objective_options import ObjectiveOptions, objective_opti
 from mergekit_pcb.tune.records import Evaluation
 from mergekit_pcb.tune.run_dir import HISTORY_FILE, read_history
 from mergekit_pcb.tune.search import SearchSettings
+from mergekit_pcb.tune.weight_layout import search_space
 
 DEFAULTS = SearchSettings()
 
@@ -104,6 +105,24 @@ DEFAULTS = SearchSettings()
 )
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="CMA-ES seed")
 @click.option(
+    "--layer-points",
+    type=click.IntRange(min=1),
+    default=None,
+    help="search each model's weight as a K-point gradient over the layers instead of one "
+    "number (mergekit reads layer l of L at l/(L-1) between the points, and the "
+    "embeddings, final norm and lm_head at the first point); K = the number of layers "
+    "gives every layer its own weight. Applies to weights written as one number; a "
+    "config's own gradients and filters are always searched as written",
+)
+@click.option(
+    "--module-groups",
+    default=None,
+    metavar="NAME,NAME",
+    help="search each model's weight per group of tensors: mergekit gives a tensor the "
+    "value of the first group whose name is part of the tensor's name (e.g. self_attn,mlp), "
+    "and the others a rest value, searched too",
+)
+@click.option(
     "--contributions",
     type=click.Choice(["auto", "device", "cpu", "disk"]),
     default="auto",
@@ -155,6 +174,8 @@ def main(
     popsize: int | None,
     budget: int,
     seed: int,
+    layer_points: int | None,
+    module_groups: str | None,
     contributions: str,
     device: str,
     device_map: str | None,
@@ -174,6 +195,8 @@ def main(
     try:
         with reported_errors(debug):
             raw_config = read_raw_config(config_file)
+            groups = module_groups.split(",") if module_groups is not None else []
+            space = search_space(layer_points, groups)
             settings = SearchSettings(
                 start=start,
                 lower=lower,
@@ -208,6 +231,7 @@ def main(
                     write_model=write_model,
                     quiet=quiet,
                     make_evaluator=make,
+                    **space,
                 )
     except KeyboardInterrupt:
         click.echo(interrupted_line(out_dir), err=True)

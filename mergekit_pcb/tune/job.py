@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -37,7 +36,12 @@ from mergekit.options import MergeOptions
 from mergekit_pcb.config_check import RawConfig
 from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.merge import LoadedConfig, merge_into, parse_config, read_config
-from mergekit_pcb.tune.capture import capture_contributions, tuned_model_names
+from mergekit_pcb.tune.capture import (
+    capture_contributions,
+    default_weight,
+    plan_weights,
+    tuned_model_names,
+)
 from mergekit_pcb.tune.contributions import Contributions, named_tensors
 from mergekit_pcb.tune.driver import open_search_run, run_search
 from mergekit_pcb.tune.live_model import load_model, resolve_device
@@ -46,6 +50,7 @@ from mergekit_pcb.tune.placement import placement_for
 from mergekit_pcb.tune.records import BatchEvaluator, Candidate, Evaluation, is_better
 from mergekit_pcb.tune.run_dir import RunDirectory, write_atomic
 from mergekit_pcb.tune.search import SearchResult, SearchSettings
+from mergekit_pcb.tune.weight_layout import WeightLayout, layout_for, search_space
 
 LOG = logging.getLogger(__name__)
 
@@ -89,6 +94,7 @@ class _Job:
     dtype: torch.dtype
     device: str
     base_path: str
+    layout: WeightLayout  # the searched numbers (positions resolved before the capture)
 
 
 def tune(
@@ -105,6 +111,8 @@ def tune(
     write_model: bool = False,
     quiet: bool = False,
     make_evaluator: MakeEvaluator | None = None,
+    layer_points: int | None = None,
+    module_groups: Sequence[str] = (),
 ) -> TuneResult:
     """Run a whole tuning job (see the module docstring); return the result.
 
@@ -113,10 +121,19 @@ def tune(
     name). ``contributions``: where they live (``auto``, ``device``, ``cpu``, ``disk``).
     ``make_evaluator``: builds the :class:`~mergekit_pcb.tune.records.BatchEvaluator`
     from the contributions, the live model and the tokenizer (default: the candidates
-    one after another in this process).
+    one after another in this process). ``layer_points``/``module_groups``: give each
+    model's plain-number weight that structure to search (``weight_layout.py``).
     """
     settings = settings or SearchSettings()
-    job = _open_job(config_file, out_dir, settings, objective, identity_objective, device)
+    job = _open_job(
+        config_file,
+        out_dir,
+        settings,
+        objective,
+        identity_objective,
+        device,
+        search_space(layer_points, module_groups),
+    )
     try:
         return _run_job(
             job,
@@ -193,6 +210,7 @@ def _open_job(
     objective: Objective,
     identity_objective: dict | None,
     device: str,
+    space: dict[str, Any],
 ) -> _Job:
     """Phase 1: the config read and checked, OUT_DIR opened (or refused) for the run."""
     config = (
@@ -202,16 +220,23 @@ def _open_job(
     )
     merge_config = config.merge_config
     names = tuned_model_names(merge_config)
+    try:
+        layout = layout_for(
+            config.raw, names, default=default_weight(merge_config.merge_method), **space
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{config.path}: {error}") from None
     identity = {
         "config_sha256": hashlib.sha256(config.source.encode()).hexdigest(),
         "models": names,
         "objective": identity_objective or {"name": objective.name},
+        **({"search_space": space} if any(space.values()) else {}),
     }
     base = merge_config.base_model or merge_config.models[0].model
     dtype = getattr(torch, merge_config.out_dtype or merge_config.dtype or "float32")
     device = resolve_device(device)
     return _Job(
-        run=open_search_run(out_dir, identity, settings, len(names)),  # last: it locks
+        run=open_search_run(out_dir, identity, settings, layout.size),  # last: it locks
         config=config,
         out_dir=out_dir,
         names=names,
@@ -220,6 +245,7 @@ def _open_job(
         dtype=dtype,
         device=device,
         base_path=str(base.model.path),
+        layout=layout,
     )
 
 
@@ -247,13 +273,16 @@ def _load_and_capture(
     model = load_model(job.base_path, job.dtype, job.device, device_map)
     params = named_tensors(model)
     placement = placement_for(contributions, sorted({str(p.device) for p in params.values()}))
+    options = MergeOptions(quiet=quiet, device=job.device if device_map is None else "cuda")
+    job.layout = job.layout.resolved(job.config.raw, lambda raw: plan_weights(raw, options))
     began = time.perf_counter()
     captured = capture_contributions(
         job.config.merge_config,
-        MergeOptions(quiet=quiet, device=job.device if device_map is None else "cuda"),
+        options,
         placement=placement,
         cache_dir=os.path.join(job.out_dir, CACHE_DIR),
         devices={name: p.device for name, p in params.items()},
+        layout=job.layout,
     )
     LOG.info("captured the contributions in %.1f s", time.perf_counter() - began)
     captured.load_fixed(model)
@@ -274,20 +303,20 @@ def _search(
     def on_improvement(evaluation: Evaluation) -> None:
         write_atomic(
             os.path.join(job.out_dir, "best.yml"),
-            best_config_yaml(job.config.raw, job.names, evaluation.weights),
+            best_config_yaml(job.config.raw, job.layout, evaluation.weights),
         )
 
     return run_search(
         make_evaluator(captured, model, tokenizer)
         if make_evaluator
         else captured.scorer(model, tokenizer, objective),
-        len(job.names),
+        job.layout.size,
         maximize=objective.maximize,
         out_dir=job.out_dir,
         identity=job.identity,
         settings=job.settings,
-        start=captured.config_weights,
-        model_names=job.names,
+        start=job.layout.start,
+        model_names=job.layout.labels,
         on_improvement=on_improvement,
         quiet=quiet,
     )
@@ -314,14 +343,10 @@ def _write_outputs(
     return test_scores
 
 
-def best_config_yaml(raw: dict, model_names: Sequence[str], weights: Sequence[float]) -> str:
-    """The original config with each tuned model's ``weight`` set to its tuned value."""
-    raw = copy.deepcopy(raw)
-    by_name = dict(zip(model_names, weights, strict=True))
-    for entry in raw["models"]:
-        name = str(entry["model"])
-        if name in by_name:
-            entry["parameters"] = dict(entry.get("parameters") or {}, weight=float(by_name[name]))
+def best_config_yaml(raw: dict, layout: WeightLayout, numbers: Sequence[float]) -> str:
+    """The original config with each tuned model's ``weight`` setting holding its tuned
+    numbers (in the setting's own structure)."""
+    raw = layout.config_with(raw, numbers)
     header = "# Written by mergekit-pcb-tune: the tuned merge. Run: mergekit-yaml best.yml OUT\n"
     return header + yaml.safe_dump(raw, sort_keys=False)
 
@@ -334,6 +359,7 @@ def _summary(
         "direction": "maximize" if objective.maximize else "minimize",
         "method": captured.method,
         "models": names,
+        "numbers": captured.layout.labels,
         "evaluations": len(result.history),
         "resumed": result.resumed,
         "failed": sum(not e.ok for e in result.history),
