@@ -11,6 +11,7 @@ Ctrl-C ends the command with one line saying what was kept and how to resume.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 
@@ -19,6 +20,7 @@ import click
 from mergekit_pcb.cli import DEBUG_HELP, reported_errors, version_option
 from mergekit_pcb.config_check import read_raw_config
 from mergekit_pcb.console import configure_logging
+from mergekit_pcb.tune.densities import check_densities
 from mergekit_pcb.tune.objective_options import ObjectiveOptions, objective_options
 from mergekit_pcb.tune.records import Evaluation
 from mergekit_pcb.tune.run_dir import HISTORY_FILE, read_history
@@ -123,6 +125,15 @@ DEFAULTS = SearchSettings()
     "and the others a rest value, searched too",
 )
 @click.option(
+    "--densities",
+    default=None,
+    metavar="D,D,...",
+    help="pcb only: run the weight search at each density (fraction of each task vector "
+    "kept), each with an equal share of --budget, and keep the best on validation; each "
+    "density needs its own capture of the contributions (one at a time), in "
+    "OUT_DIR/density-D/",
+)
+@click.option(
     "--contributions",
     type=click.Choice(["auto", "device", "cpu", "disk"]),
     default="auto",
@@ -176,6 +187,7 @@ def main(
     seed: int,
     layer_points: int | None,
     module_groups: str | None,
+    densities: str | None,
     contributions: str,
     device: str,
     device_map: str | None,
@@ -197,6 +209,7 @@ def main(
             raw_config = read_raw_config(config_file)
             groups = module_groups.split(",") if module_groups is not None else []
             space = search_space(layer_points, groups)
+            density_values = check_densities(_numbers("--densities", densities))
             settings = SearchSettings(
                 start=start,
                 lower=lower,
@@ -232,11 +245,19 @@ def main(
                     quiet=quiet,
                     make_evaluator=make,
                     **space,
+                    densities=density_values,
                 )
     except KeyboardInterrupt:
         click.echo(interrupted_line(out_dir), err=True)
         raise click.exceptions.Exit(130) from None
     direction = "higher" if objective.maximize else "lower"
+    for entry in result.densities:
+        test = entry.get("test_scores", {}).get("best")
+        tested = "" if test is None else f" test {test!s:<12}"
+        click.echo(
+            f"density {entry['density']:<5g} best score {entry['best_score']!s:<12}{tested}"
+            f" over {entry['evaluations']} evaluations"
+        )
     resumed = result.search.resumed
     replayed = f" ({resumed} of them resumed from {HISTORY_FILE})" if resumed else ""
     click.echo(
@@ -253,10 +274,28 @@ def main(
     click.echo(f"best config: {os.path.join(out_dir, 'best.yml')}")
 
 
+def _numbers(option: str, text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected numbers separated by commas, got {text!r}", param_hint=option
+        ) from None
+
+
 def interrupted_line(out_dir: str) -> str:
     """What Ctrl-C leaves: the evaluations kept, and how to go on."""
     path = os.path.join(out_dir, HISTORY_FILE)
-    kept = len(read_history(path, Evaluation.from_row))  # {} when there is no history yet
+    paths = [
+        path,
+        *sorted(glob.glob(os.path.join(glob.escape(out_dir), "density-*", HISTORY_FILE))),
+    ]
+    if len(paths) > 1:  # --densities: a history per density
+        path = os.path.join(out_dir, "density-*", HISTORY_FILE)
+    # read_history gives {} for a history not written yet
+    kept = sum(len(read_history(p, Evaluation.from_row)) for p in paths)
     if not kept:
         return "Interrupted before any evaluation finished; nothing to resume."
     return (
