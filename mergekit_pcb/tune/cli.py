@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -21,7 +23,7 @@ from mergekit_pcb.config_check import read_raw_config
 from mergekit_pcb.console import configure_logging
 from mergekit_pcb.tune.objective_options import ObjectiveOptions, objective_options
 from mergekit_pcb.tune.records import Evaluation
-from mergekit_pcb.tune.run_dir import HISTORY_FILE, read_history
+from mergekit_pcb.tune.run_dir import HISTORY_FILE, Row, read_history
 from mergekit_pcb.tune.search import SearchSettings
 
 DEFAULTS = SearchSettings()
@@ -229,10 +231,12 @@ def main(
     click.echo(f"best config: {os.path.join(out_dir, 'best.yml')}")
 
 
-def interrupted_line(out_dir: str) -> str:
-    """What Ctrl-C leaves: the evaluations kept, and how to go on."""
+def interrupted_line(
+    out_dir: str, parse: Callable[[dict[str, Any]], Row] = Evaluation.from_row
+) -> str:
+    """What Ctrl-C leaves: the evaluations kept (rows read by ``parse``), and how to go on."""
     path = os.path.join(out_dir, HISTORY_FILE)
-    kept = len(read_history(path, Evaluation.from_row))  # {} when there is no history yet
+    kept = len(read_history(path, parse))  # {} when there is no history yet
     if not kept:
         return "Interrupted before any evaluation finished; nothing to resume."
     return (
