@@ -409,7 +409,7 @@ def _write_outputs(
     folders = {}
     for i, name in enumerate(job.folder_names):
         folder = os.path.abspath(os.path.join(job.out_dir, POPULATION_DIR, name))
-        population.write_individual(i, folder)
+        population.write_individual(i, folder, quiet=job.options.quiet)
         folders[job.names[i]] = folder
     write_atomic(os.path.join(job.out_dir, "best.yml"), best_config_yaml(job, folders))
     history = [job.run.recorded[j.candidate.index] for j in evolution.history]
@@ -525,7 +525,7 @@ def _write_model(job: EvolveJob, population: Population, evolution: Evolution) -
     out = os.path.join(job.out_dir, "merged")
     if evolution.mode == "individual":
         best = evolution.best_individual
-        population.write_individual(0 if best is None else best, out)
+        population.write_individual(0 if best is None else best, out, quiet=job.options.quiet)
         return
     best_config = read_config(os.path.join(job.out_dir, "best.yml"))
     options = MergeOptions(
