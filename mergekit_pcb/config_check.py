@@ -46,7 +46,7 @@ class RawConfig:
     raw: dict[str, Any]
 
 
-def read_raw_config(config_file: str) -> RawConfig:
+def read_raw_config(config_file: str, *, strict: bool = False) -> RawConfig:
     """Read a mergekit YAML config and make the checks that need no mergekit.
 
     Raises :class:`ConfigError` starting with the file's name for a file that cannot be
@@ -54,7 +54,8 @@ def read_raw_config(config_file: str) -> RawConfig:
     mapping, a ``pcb`` config without a base model, and a model path that does not
     exist (:func:`check_raw_model_paths`). Unknown ``pcb`` parameter keys are logged as
     warnings. The values and mergekit's schema are checked later, when the config is
-    parsed (``mergekit_pcb.merge.read_config``).
+    parsed (``mergekit_pcb.merge.read_config``). With ``strict`` an unknown key is a
+    :class:`ConfigError` instead (a search refuses to run a merge that is not the one meant).
     """
     try:
         with open(config_file, encoding="utf-8") as file:
@@ -69,7 +70,10 @@ def read_raw_config(config_file: str) -> RawConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_file}: not a mergekit YAML config (a mapping)")
     try:
-        log_warnings(check_pcb_keys(raw))
+        unknown = check_pcb_keys(raw)
+        if strict and unknown:
+            raise ValueError(unknown[0])
+        log_warnings(unknown)
         check_raw_model_paths(raw)
     except ValueError as error:
         raise ConfigError(f"{config_file}: {error}") from None
@@ -185,6 +189,21 @@ def check_pcb_keys(raw: Mapping[str, Any]) -> list[str]:
                     f"(known: {', '.join(sorted(PARAMETER_NAMES))})"
                 )
     return warnings
+
+
+def check_parameter_keys(raw: Mapping[str, Any], method: str, known: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming the location of the first parameter key that is not
+    one of ``known`` (merge method ``method``'s parameters), which mergekit would ignore."""
+    known = sorted(known)
+    for where, block in _parameter_blocks(raw, ""):
+        for key in block:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(
+                    f"{where}: unknown {method} parameter '{key}', which mergekit would "
+                    f"ignore{hint} (known: {', '.join(known)})"
+                )
 
 
 def check_pcb_values(raw: Mapping[str, Any]) -> list[str]:

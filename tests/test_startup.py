@@ -117,6 +117,30 @@ def test_the_tuner_answers_help_version_and_config_errors_without_torch(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_the_evolver_answers_help_version_and_bad_settings_without_torch(tmp_path):
+    evolver = {"module": "mergekit_pcb.evolve.cli", "prog": "mergekit-pcb-evolve"}
+    code, output, heavy = _command(["--help"], **evolver)
+    assert (code, heavy) == (0, []), output
+    for text in ("CONFIG_FILE", "resume", "history.jsonl", "best.yml", "population/<name>/"):
+        assert text in output
+    code, output, heavy = _command(["--version"], **evolver)
+    assert (code, heavy) == (0, [])
+    assert output.startswith(f"mergekit-pcb {mergekit_pcb.__version__} (mergekit ")
+
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"text": "a"}\n')
+    syntax = tmp_path / "syntax.yml"
+    syntax.write_text("merge_method: pcb\nbase_model: [unclosed\n")
+    args = [str(syntax), str(tmp_path / "out"), "--val", str(val)]
+    code, output, heavy = _command(args, **evolver)
+    assert (code, heavy) == (1, [])
+    assert f"Error: {syntax}: line 3, column 1: not valid YAML" in output
+    code, output, heavy = _command([*args, "--cr", "0"], **evolver)
+    assert (code, heavy) == (1, [])
+    assert "Error: --cr must be in (0, 1], got 0.0" in output
+    assert not (tmp_path / "out").exists()
+
+
 # --- import mergekit_pcb -------------------------------------------------------------
 
 _SITE = sysconfig.get_paths()["purelib"]
@@ -146,9 +170,7 @@ def _python(code: str, layout: str, folder) -> str:
         command = [sys.executable, "-S", "-c", code]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([first, _SITE])}
     # Not run from the repository root, where the checkout would come first on sys.path.
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=env, cwd=folder
-    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=folder)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -191,6 +213,7 @@ MERGEKIT_IMPORTERS = [
     "mergekit_pcb.tune.capture",
     "mergekit_pcb.tune.job",
     "mergekit_pcb.evolve.population_merge",
+    "mergekit_pcb.evolve.job",
 ]
 
 
@@ -357,9 +380,9 @@ def test_options_reach_mergekit_as_mergekits_own_command_passes_them(
     assert ours == theirs
     if options is EVERY_OPTION:
         default = MergeOptions()
-        unchanged = [f for f in MergeOptions.model_fields if getattr(ours[0], f) == getattr(
-            default, f
-        )]
+        unchanged = [
+            f for f in MergeOptions.model_fields if getattr(ours[0], f) == getattr(default, f)
+        ]
         assert unchanged == []
 
 

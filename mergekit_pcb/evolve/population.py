@@ -297,7 +297,7 @@ class Population:
                     for name in store.names:
                         _check_finite(ref, name, store.get(name, device))
             else:
-                tensors = _read_all(loader, infos[ref], target, label)
+                tensors = _read_all(loader, infos[ref], target, label, options.quiet)
                 if check:
                     for name, tensor in tensors.items():
                         _check_finite(ref, name, tensor)
@@ -410,9 +410,9 @@ class Population:
         if isinstance(store, CheckpointTensors) and store.folder is not None:
             shutil.rmtree(store.folder, ignore_errors=True)
 
-    def write_individual(self, i: int, folder: str) -> None:
+    def write_individual(self, i: int, folder: str, *, quiet: bool = False) -> None:
         """Write individual ``i`` as a model folder (see :func:`write_model_folder`)."""
-        write_model_folder(self.individuals[i], folder, self.sources[i])
+        write_model_folder(self.individuals[i], folder, self.sources[i], quiet=quiet)
 
     def close(self) -> None:
         for store in [self.base, *self.individuals]:
@@ -447,10 +447,13 @@ def _check_finite(ref: ModelReference, name: str, tensor: torch.Tensor) -> None:
 
 
 def _read_all(
-    loader: LazyTensorLoader, info: dict[str, TensorInfo], device: str, label: str
+    loader: LazyTensorLoader, info: dict[str, TensorInfo], device: str, label: str, quiet: bool
 ) -> dict[str, torch.Tensor]:
     tensors = {}
-    for name in tqdm(info, desc=f"Reading {label}", unit="tensor", leave=False):
+    bar = tqdm(
+        info, desc=f"Reading {label}", unit="tensor", leave=False, disable=bars_disabled(quiet)
+    )
+    for name in bar:
         # clone(): a tensor read on the CPU may be a view of a memory-mapped shard.
         tensors[name] = loader.get_tensor(name, device=device).clone()
     loader.flush()

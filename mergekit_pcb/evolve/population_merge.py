@@ -383,6 +383,13 @@ class PopulationMerge:
         """Write the tensors that do not depend on the population into ``model`` (once)."""
         self._write(model, self.merged_tensors(base, members, fixed=True))
 
+    def write_tensors(
+        self, model: torch.nn.Module, tensors: ModelTensors, device: torch.device | str
+    ) -> None:
+        """Write one model's tensors by their stored names (an individual alone) into
+        ``model``, read onto ``device``."""
+        self._write(model, ((name, tensors.get(name, device)) for name in tensors.names))
+
     def _write(self, model: torch.nn.Module, merged: Iterator[tuple[str, torch.Tensor]]) -> None:
         params = named_tensors(model)
         missing = []

@@ -14,6 +14,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -23,7 +25,7 @@ from mergekit_pcb.console import configure_logging
 from mergekit_pcb.tune.densities import check_densities
 from mergekit_pcb.tune.objective_options import ObjectiveOptions, objective_options
 from mergekit_pcb.tune.records import Evaluation
-from mergekit_pcb.tune.run_dir import HISTORY_FILE, read_history
+from mergekit_pcb.tune.run_dir import HISTORY_FILE, Row, read_history
 from mergekit_pcb.tune.search import SearchSettings
 from mergekit_pcb.tune.weight_layout import search_space
 
@@ -285,17 +287,18 @@ def _numbers(option: str, text: str | None) -> list[float]:
         ) from None
 
 
-def interrupted_line(out_dir: str) -> str:
-    """What Ctrl-C leaves: the evaluations kept, and how to go on."""
+def interrupted_line(
+    out_dir: str, parse: Callable[[dict[str, Any]], Row] = Evaluation.from_row
+) -> str:
+    """What Ctrl-C leaves: the evaluations kept (rows read by ``parse``), and how to go on."""
     path = os.path.join(out_dir, HISTORY_FILE)
     paths = [
         path,
         *sorted(glob.glob(os.path.join(glob.escape(out_dir), "density-*", HISTORY_FILE))),
     ]
-    if len(paths) > 1:  # --densities: a history per density
+    if len(paths) > 1:  # the tuner's --densities: a history per density
         path = os.path.join(out_dir, "density-*", HISTORY_FILE)
-    # read_history gives {} for a history not written yet
-    kept = sum(len(read_history(p, Evaluation.from_row)) for p in paths)
+    kept = sum(len(read_history(p, parse)) for p in paths)  # {} for a history not yet written
     if not kept:
         return "Interrupted before any evaluation finished; nothing to resume."
     return (

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
@@ -52,8 +51,10 @@ from mergekit_pcb.tune.densities import (
     density_summary,
 )
 from mergekit_pcb.tune.driver import open_search_run, run_search
-from mergekit_pcb.tune.live_model import load_model, resolve_device
+from mergekit_pcb.tune.live_model import load_model, load_tokenizer, resolve_device
 from mergekit_pcb.tune.objectives import Objective, ReferencedObjective
+from mergekit_pcb.tune.outputs import EditEntry, config_yaml
+from mergekit_pcb.tune.outputs import plot_scores as draw_scores
 from mergekit_pcb.tune.placement import placement_for
 from mergekit_pcb.tune.records import BatchEvaluator, Candidate, Evaluation, is_better
 from mergekit_pcb.tune.run_dir import RunDirectory, write_atomic
@@ -178,17 +179,7 @@ def _run_job(
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(job.base_path)
-    except (OSError, ValueError) as error:  # transformers' message names no folder
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(
-            f"{job.base_path}: no tokenizer could be loaded from the base model's folder "
-            f"({reason}); the tuner scores candidates with the base's tokenizer: copy the "
-            "tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
-        ) from None
+    tokenizer = load_tokenizer(job.base_path, "the tuner")
     if isinstance(objective, ReferencedObjective) and objective.normalized:
         _set_reference_scores(job, objective, tokenizer)
     model = load_model(job.base_path, job.dtype, job.device, device_map)
@@ -457,9 +448,19 @@ def _write_outputs(
 def best_config_yaml(raw: dict, layout: WeightLayout, numbers: Sequence[float]) -> str:
     """The original config with each tuned model's ``weight`` setting holding its tuned
     numbers (in the setting's own structure)."""
-    raw = layout.config_with(raw, numbers)
-    header = "# Written by mergekit-pcb-tune: the tuned merge. Run: mergekit-yaml best.yml OUT\n"
-    return header + yaml.safe_dump(raw, sort_keys=False)
+
+    def set_weight(setting: Any) -> EditEntry:
+        def edit(entry: dict) -> None:
+            entry["parameters"] = dict(entry.get("parameters") or {}, weight=setting)
+
+        return edit
+
+    settings = zip(layout.model_names, layout.settings_with(numbers), strict=True)
+    return config_yaml(
+        raw,
+        {name: set_weight(setting) for name, setting in settings},
+        "Written by mergekit-pcb-tune: the tuned merge. Run: mergekit-yaml best.yml OUT",
+    )
 
 
 def _summary(
@@ -492,28 +493,11 @@ def _summary(
 
 def plot_scores(history: list[Evaluation], objective: Objective, path: str) -> None:
     """Score against evaluation, with the best so far and the starting point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [e for e in history if e.ok]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter([e.index for e in ok], [e.score for e in ok], s=12, label="candidate")
-    best, line = None, []
-    for e in history:
-        if e.ok and is_better(e.score, best, objective.maximize):
-            best = e.score
-        line.append(best)
-    ax.step(range(len(history)), line, where="post", color="C1", label="best so far")
-    if history[0].ok:
-        start = ", ".join(f"{w:.3g}" for w in history[0].weights)
-        ax.axhline(history[0].score, color="grey", ls="--", label=f"start ({start})")
-    ax.ticklabel_format(axis="y", useOffset=False)
-    ax.set_title(objective.name)
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("score (" + ("higher" if objective.maximize else "lower") + " is better)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    start = ", ".join(f"{w:.3g}" for w in history[0].weights) if history else ""
+    draw_scores(
+        [(e.index, e.score if e.ok else None) for e in history],
+        maximize=objective.maximize,
+        title=objective.name,
+        path=path,
+        start_label=f"start ({start})",
+    )

@@ -33,3 +33,20 @@ def load_model(path: str, dtype: torch.dtype, device: str, device_map: str | Non
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model.eval()
+
+
+def load_tokenizer(path: str, command: str) -> Any:
+    """The tokenizer of the model folder ``path`` (the base's), with which ``command``
+    (``the tuner``) scores candidates; a folder without one is a :class:`ConfigError`
+    naming it and the files needed (transformers' message names neither)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"{path}: no tokenizer could be loaded from the base model's folder "
+            f"({reason}); {command} scores candidates with the base's tokenizer: copy the "
+            "tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
+        ) from None
