@@ -140,19 +140,19 @@ def main(workdir: str, models: str | None, size: str, device: str, candidates: i
     tuner, per_layer, previous, objective, full = [], [], [], [], []
     scratch = tempfile.mkdtemp(prefix="tune_speed-")
     try:
-        for w, numbers in zip(weights, per_layer_numbers, strict=True):
-            contributions.layout = per_layer_layout
-            sync()
-            began = time.perf_counter()
-            contributions.apply(model, numbers)
-            sync()
-            per_layer.append(time.perf_counter() - began)
+        for k, (w, numbers) in enumerate(zip(weights, per_layer_numbers, strict=True)):
+            # The two orders alternate: the first write after the full merge below runs
+            # on cold caches, which would count against whichever always went first.
+            pair = [(per_layer_layout, numbers, per_layer), (per_model_layout, w, tuner)]
+            for layout, candidate, times in pair if k % 2 == 0 else pair[::-1]:
+                contributions.layout = layout
+                sync()
+                began = time.perf_counter()
+                contributions.apply(model, candidate)
+                sync()
+                times.append(time.perf_counter() - began)
             contributions.layout = per_model_layout
-            sync()
-            began = time.perf_counter()
             contributions.apply(model, w)
-            sync()
-            tuner.append(time.perf_counter() - began)
             if dense is not None:
                 began = time.perf_counter()
                 _dense_apply(contributions, dense, model, w)

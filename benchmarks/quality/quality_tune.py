@@ -118,7 +118,8 @@ def tune_weights(
         "val_objective_best_scale": best_scaled.score,
         "val_objective_best": result.best.score,
         "best_phase": result.best.phase,
-        "evaluations": len(history),
+        # with densities: every density's search, not only the best one's
+        "evaluations": sum(d["evaluations"] for d in result.densities) or len(history),
         "failed": sum(not e.ok for e in history),
         "on_bound": [asdict(hit) for hit in result.search.on_bound],
         "on_bound_messages": [hit.message() for hit in result.search.on_bound],
