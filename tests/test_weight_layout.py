@@ -28,19 +28,31 @@ from mergekit_pcb.tune.weight_layout import (
     layout_for,
     setting_leaves,
 )
+from tests.test_contributions import _assert_same_merge as assert_same_merge
 
 LAYERS = 5
 OPTIONS = MergeOptions(quiet=True)
 
 
-@pytest.fixture(scope="module")
-def five_layer_models(tmp_path_factory) -> dict[str, str]:
+def _five_layers(tmp_path_factory, dtype: torch.dtype) -> dict[str, str]:
     folder = str(tmp_path_factory.mktemp("five-layers"))
     config = tiny_llama_config(num_hidden_layers=LAYERS)
-    return write_tiny_models(folder, ("math", "code"), config=config)
+    return write_tiny_models(folder, ("math", "code"), config=config, dtype=dtype)
 
 
-def _raw(models: dict[str, str], method: str, settings: list, **extra) -> dict:
+@pytest.fixture(scope="module")
+def five_layer_models(tmp_path_factory) -> dict[str, str]:
+    return _five_layers(tmp_path_factory, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def five_layer_bf16(tmp_path_factory) -> dict[str, str]:
+    return _five_layers(tmp_path_factory, torch.bfloat16)
+
+
+def _raw(
+    models: dict[str, str], method: str, settings: list, dtype: str = "float32", **extra
+) -> dict:
     names = [n for n in models if n != "base"]
     entries = [
         {"model": models[n], "parameters": {"weight": s}}
@@ -53,7 +65,7 @@ def _raw(models: dict[str, str], method: str, settings: list, **extra) -> dict:
         if method == "pcb":
             for entry in entries:
                 entry["parameters"]["density"] = 0.3
-    return {**raw, "dtype": "float32", **extra}
+    return {**raw, "dtype": dtype, **extra}
 
 
 GRADIENT = [0.5, 1.5, 1.0]  # 3 points over 5 layers: layers 1 and 3 fall between points
@@ -176,37 +188,40 @@ def _merge(raw: dict, out: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "method, extra",
+    "method, dtype, extra",
     [
-        ("pcb", {}),
-        ("pcb", {"parameters": {"scope": "model"}}),
-        ("task_arithmetic", {}),
-        ("linear", {}),
+        ("pcb", "float32", {}),
+        ("pcb", "float32", {"parameters": {"scope": "model"}}),
+        ("task_arithmetic", "float32", {}),
+        ("linear", "float32", {}),
+        # bf16: mergekit computes task_arithmetic in bf16, step by step; the others in
+        # float32, rounded once at the end
+        ("task_arithmetic", "bfloat16", {}),
+        pytest.param("pcb", "bfloat16", {}, marks=pytest.mark.slow),
+        pytest.param("linear", "bfloat16", {}, marks=pytest.mark.slow),
     ],
-    ids=["pcb", "pcb-model-scope", "task_arithmetic", "linear"],
+    ids=["pcb", "pcb-model-scope", "task_arithmetic", "linear", "ta-bf16", "pcb-bf16", "lin-bf16"],
 )
-def test_candidates_equal_mergekit_merges(five_layer_models, tmp_path, method, extra):
-    raw = _raw(five_layer_models, method, [FILTERS, GRADIENT], **extra)
+def test_candidates_equal_mergekit_merges(request, tmp_path, method, dtype, extra):
+    models = request.getfixturevalue(
+        "five_layer_models" if dtype == "float32" else "five_layer_bf16"
+    )
+    raw = _raw(models, method, [FILTERS, GRADIENT], dtype, **extra)
     if method == "linear":
-        raw["models"].insert(0, {"model": five_layer_models["base"], "parameters": {"weight": 0.3}})
+        raw["models"].insert(0, {"model": models["base"], "parameters": {"weight": 0.3}})
     names = _names(raw)
     layout = layout_for(raw, names).resolved(raw, lambda r: plan_weights(r, OPTIONS))
     config_path = tmp_path / "config.yml"
     config_path.write_text(yaml.safe_dump(raw))
     contributions = capture_contributions(read_config(str(config_path)).merge_config, layout=layout)
-    model = AutoModelForCausalLM.from_pretrained(
-        five_layer_models["base"], dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(models["base"], dtype=getattr(torch, dtype))
     contributions.load_fixed(model)
-    state = model.state_dict()
     rng = random.Random(1)
     for trial in range(2):
         numbers = [rng.uniform(0.2, 2.5) for _ in range(layout.size)]
         contributions.apply(model, numbers)
         merged = _merge(layout.config_with(raw, numbers), str(tmp_path / f"merged-{trial}"))
-        assert merged.keys() <= state.keys()
-        for name, tensor in merged.items():
-            assert (state[name] - tensor).abs().max().item() <= 1e-6, name
+        assert_same_merge(model.state_dict(), merged, dtype)
 
 
 def test_capture_refuses_a_layout_mergekit_disagrees_with(five_layer_models, tmp_path):
