@@ -7,6 +7,9 @@ offline and cached), measured side by side in one run:
 * ``tuner candidate``: writing one candidate into the live model (``Contributions.apply``),
   and on the CPU beside it the previous tuner's way (dense float32 contributions, one
   ``tensordot`` per tensor), so that the compact storage's cost per candidate shows;
+* ``per-layer candidate``: the same with one weight per layer and model (each model's
+  weight a gradient with a point per layer, as ``--layer-points`` searches it), beside
+  the one weight per model (target: within 1.2x);
 * ``contributions``: bytes per parameter per model of the compact storage;
 * ``full merge``: what a tuner without the linearity would do per candidate, a full
   ``pcb`` merge by mergekit (``run_merge`` to disk) and loading the result;
@@ -31,27 +34,40 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
 from benchmarks.synthetic import SIZES, synthetic_models
-from mergekit_pcb.tune.capture import capture_contributions
+from mergekit_pcb.tune.capture import capture_contributions, plan_weights
 from mergekit_pcb.tune.objectives import Example, completion_loss
+from mergekit_pcb.tune.weight_layout import WeightLayout, layout_for
 
 LOG = logging.getLogger("tune_speed")
 
 
+def _raw(paths: dict[str, str], weights: list[float]) -> dict:
+    return {
+        "merge_method": "pcb",
+        "base_model": paths["base"],
+        "models": [
+            {"model": paths[n], "parameters": {"weight": w, "density": 0.2}}
+            for n, w in zip(["math", "code", "chat"], weights, strict=True)
+        ],
+        "dtype": "bfloat16",
+    }
+
+
 def _config(paths: dict[str, str], weights: list[float]) -> MergeConfiguration:
-    return MergeConfiguration.model_validate(
-        {
-            "merge_method": "pcb",
-            "base_model": paths["base"],
-            "models": [
-                {"model": paths[n], "parameters": {"weight": w, "density": 0.2}}
-                for n, w in zip(["math", "code", "chat"], weights, strict=True)
-            ],
-            "dtype": "bfloat16",
-        }
+    return MergeConfiguration.model_validate(_raw(paths, weights))
+
+
+def _per_layer_layout(paths: dict[str, str], options: MergeOptions) -> WeightLayout:
+    """One gradient point per layer for each model's weight, positions from mergekit."""
+    raw = _raw(paths, [1.0, 1.0, 1.0])
+    layers = AutoConfig.from_pretrained(paths["base"]).num_hidden_layers
+    names = [m["model"] for m in raw["models"]]
+    return layout_for(raw, names, layer_points=layers).resolved(
+        raw, lambda r: plan_weights(r, options)
     )
 
 
@@ -112,10 +128,26 @@ def main(workdir: str, models: str | None, size: str, device: str, candidates: i
             for name, terms in contributions.terms.items()
         }
 
-    tuner, previous, objective, full = [], [], [], []
+    per_model_layout = contributions.layout
+    per_layer_layout = _per_layer_layout(paths, options)
+    points = per_layer_layout.size // 3  # each model's gradient: one point per layer
+
+    def per_layer_candidate(per_model: list[float]) -> list[float]:
+        jitter = (0.8 + 0.4 * torch.rand(3 * points, generator=gen)).tolist()
+        return [per_model[k // points] * jitter[k] for k in range(3 * points)]
+
+    per_layer_numbers = [per_layer_candidate(w) for w in weights]
+    tuner, per_layer, previous, objective, full = [], [], [], [], []
     scratch = tempfile.mkdtemp(prefix="tune_speed-")
     try:
-        for w in weights:
+        for w, numbers in zip(weights, per_layer_numbers, strict=True):
+            contributions.layout = per_layer_layout
+            sync()
+            began = time.perf_counter()
+            contributions.apply(model, numbers)
+            sync()
+            per_layer.append(time.perf_counter() - began)
+            contributions.layout = per_model_layout
             sync()
             began = time.perf_counter()
             contributions.apply(model, w)
@@ -147,6 +179,10 @@ def main(workdir: str, models: str | None, size: str, device: str, candidates: i
     rows = [
         ("capture (once per run)", capture),
         ("tuner candidate (in place, compact contributions)", t_tuner),
+        (
+            f"per-layer candidate ({per_layer_layout.size} weights: a point per layer and model)",
+            statistics.median(per_layer),
+        ),
     ]
     if previous:
         rows.append(
@@ -176,6 +212,11 @@ def main(workdir: str, models: str | None, size: str, device: str, candidates: i
             f"per-candidate time against the previous dense tuner: {ratio:.2f}x "
             f"(target <= 1.0: {'PASS' if ratio <= 1.0 else 'FAIL'})"
         )
+    layer_ratio = statistics.median(per_layer) / t_tuner
+    print(
+        f"per-layer candidate against one weight per model: {layer_ratio:.2f}x "
+        f"(target <= 1.2: {'PASS' if layer_ratio <= 1.2 else 'FAIL'})"
+    )
     speedup = t_full / t_tuner
     target = 100 if device.startswith("cuda") else 10
     print(
@@ -191,6 +232,7 @@ def main(workdir: str, models: str | None, size: str, device: str, candidates: i
             {
                 "capture": capture,
                 "tuner": tuner,
+                "per_layer": per_layer,
                 "previous": previous,
                 "full": full,
                 "objective": objective,

@@ -178,7 +178,7 @@ def test_pcb_contributions_are_compact_and_frozen_tensors_cost_nothing(models, t
     chat = contributions.model_names.index(models["chat"])
     for name in FROZEN:
         assert chat not in contributions.terms[name].rows
-    assert contributions.config_weights == [1.0, 1.0, 1.0]
+    assert contributions.layout.start == [1.0, 1.0, 1.0]
 
 
 def test_contributions_on_disk_or_over_budget_give_the_same_candidate(models, tmp_path):

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 
-from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.tune.records import Evaluation
 from mergekit_pcb.tune.search import (
     SCALE_EVALUATIONS,
@@ -119,15 +118,15 @@ def test_a_zero_start_needs_absolute_bounds(tmp_path):
 
 def test_the_start_is_the_settings_then_the_configs_weights():
     names = list(NAMES)
-    assert start_weights(SearchSettings(start=0.5), [1.0, None, 2.0], names) == [0.5] * 3
+    assert start_weights(SearchSettings(start=0.5), [1.0, 3.0, 2.0], names) == [0.5] * 3
     assert start_weights(SearchSettings(), None, names) == [1.0] * 3
     assert start_weights(SearchSettings(), [1, 2, 3], names) == [1.0, 2.0, 3.0]
     absolute = SearchSettings(lower=-1.0, upper=1.0)
     assert start_weights(absolute, [0.0, 0.5, 0.0], names) == [0.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="got 2 start weights for 3 models"):
         start_weights(SearchSettings(), [1.0, 1.0], names)
-    with pytest.raises(ConfigError, match=r"the weight of code, chat varies from tensor to tensor"):
-        start_weights(SearchSettings(), [1.0, None, None], names)
+    with pytest.raises(ValueError, match="the start weight of code, chat is 0"):
+        start_weights(SearchSettings(), [1.0, 0.0, 0.0], names)
 
 
 @pytest.mark.parametrize(

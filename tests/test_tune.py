@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from mergekit_pcb.merge import load_config, merge_into
 from mergekit_pcb.tune import objectives
-from mergekit_pcb.tune.capture import capture_contributions
+from mergekit_pcb.tune.capture import capture_contributions, plan_weights
 from mergekit_pcb.tune.job import tune
 from mergekit_pcb.tune.run_dir import RunMismatchError
 from mergekit_pcb.tune.search import SearchSettings
+from mergekit_pcb.tune.weight_layout import layout_for
 from tests.conftest import write_config
 
 TARGET = [1.6, 0.8, 2.2]
@@ -156,3 +157,89 @@ def test_a_different_run_in_the_same_directory_is_refused(
         _run(other, tmp_path / "run", objective, _settings(budget=10, popsize=4))
     with pytest.raises(RunMismatchError, match="differs in: settings"):
         _run(tune_config, tmp_path / "run", objective, _settings(budget=10, popsize=4, seed=9))
+
+
+def test_structured_search_keeps_the_structure_and_best_yml_reproduces_it(
+    tune_config, target_state, tmp_path
+):
+    """--layer-points and --module-groups: the search runs over every number of the
+    expanded settings, best.yml holds them in that structure, and mergekit's merge of
+    best.yml is the tuner's best candidate."""
+    objective = _distance_objective(target_state)
+    settings = _settings(budget=40, popsize=6)
+    space = {"layer_points": 2, "module_groups": ["self_attn"]}
+    result = _run(tune_config, tmp_path / "run", objective, settings, **space)
+    assert len(result.start.weights) == 3 * 2 * 2  # models x groups (self_attn, rest) x points
+    assert result.best.score < result.start.score
+    best = yaml.safe_load((tmp_path / "run" / "best.yml").read_text())
+    numbers = iter(result.best.weights)
+    for entry in best["models"]:
+        setting = entry["parameters"]["weight"]
+        assert [g.get("filter") for g in setting] == ["self_attn", None]
+        assert [v for g in setting for v in g["value"]] == [next(numbers) for _ in range(4)]
+    merged = _merge_to_disk(str(tmp_path / "run" / "best.yml"), str(tmp_path / "best-merge"))
+    model = AutoModelForCausalLM.from_pretrained(config_base(tune_config), dtype=torch.float32)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    first = best["models"][0]["model"]
+    assert summary["numbers"][1] == f"{first}: weight filter self_attn point 2 of 2"
+    raw = yaml.safe_load(open(tune_config, encoding="utf-8"))
+    names = [m["model"] for m in raw["models"]]
+    layout = layout_for(raw, names, **space).resolved(
+        raw, lambda r: plan_weights(r, MergeOptions(quiet=True))
+    )
+    merge_config, _ = load_config(tune_config)
+    contributions = capture_contributions(merge_config, layout=layout)
+    contributions.load_fixed(model)
+    contributions.apply(model, result.best.weights)
+    state = model.state_dict()
+    for name, tensor in merged.items():
+        assert (state[name] - tensor).abs().max().item() <= 1e-6, name
+    with pytest.raises(RunMismatchError, match="search_space"):
+        _run(tune_config, tmp_path / "run", objective, settings, layer_points=3)
+
+
+@pytest.mark.slow
+def test_densities_keep_the_validation_best_and_best_yml_carries_it(
+    tune_config, tiny_models, tmp_path
+):
+    """The target is a merge at density 0.5: the search at 0.5 can reach it, the one at
+    0.1 cannot, so 0.5 must win, and best.yml must carry it."""
+    target_config = write_config(
+        str(tmp_path / "target.yml"), tiny_models, parameters={"lambda": 1.1, "density": 0.5}
+    )
+    raw = yaml.safe_load(open(target_config, encoding="utf-8"))
+    for entry in raw["models"]:
+        del entry["parameters"]["density"]
+    with open(target_config, "w", encoding="utf-8") as file:
+        yaml.safe_dump(raw, file)
+    target = _merge_to_disk(target_config, str(tmp_path / "target"), TARGET)
+    objective = _distance_objective(target)
+    settings = _settings(budget=2 * 30, popsize=7)
+    out = tmp_path / "run"
+    result = _run(tune_config, out, objective, settings, densities=[0.1, 0.5])
+    by_density = {d["density"]: d for d in result.densities}
+    assert set(by_density) == {0.1, 0.5}
+    assert by_density[0.5]["best_score"] < by_density[0.1]["best_score"]
+    assert result.best.score == by_density[0.5]["best_score"]
+    for density in (0.1, 0.5):
+        history = (out / f"density-{density:g}" / "history.jsonl").read_text().splitlines()
+        assert len(history) == by_density[density]["evaluations"] <= 30
+    best = yaml.safe_load((out / "best.yml").read_text())
+    assert best["parameters"]["density"] == 0.5
+    assert all("density" not in m["parameters"] for m in best["models"])
+    assert [m["parameters"]["weight"] for m in best["models"]] == result.best.weights
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"]["density"] == 0.5
+    assert [d["density"] for d in summary["densities"]] == [0.1, 0.5]
+    # mergekit's merge of best.yml is the tuner's best candidate
+    merged = _merge_to_disk(str(out / "best.yml"), str(tmp_path / "best-merge"))
+    state = {k: v.float() for k, v in merged.items()}
+    assert sum(float((state[k] - v).pow(2).sum()) for k, v in target.items()) == pytest.approx(
+        result.best.score, rel=1e-4, abs=1e-9
+    )
+    # a rerun replays both densities' histories and evaluates nothing
+    again = _Interrupt(objective, stop_at=None)
+    rerun = _run(tune_config, out, again, settings, densities=[0.1, 0.5])
+    assert again.calls == 0 and rerun.best.weights == result.best.weights
+    with pytest.raises(RunMismatchError, match="densities"):
+        _run(tune_config, out, objective, settings, densities=[0.1, 0.3])

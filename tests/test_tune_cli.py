@@ -85,6 +85,66 @@ def test_config_errors_are_one_line_and_debug_shows_them(tiny_models, val, tmp_p
     assert isinstance(debug.exception, ConfigError)
 
 
+def test_search_space_errors_are_one_line_and_write_nothing(tiny_models, val, tmp_path):
+    config = write_config(
+        str(tmp_path / "ta.yml"),
+        tiny_models,
+        merge_method="task_arithmetic",
+        per_model={"code": {"weight": [1.0, "many"]}},
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [config, str(out), "--val", val])
+    assert result.exit_code == 1
+    assert _lines(result) == [
+        f"Error: {config}: {tiny_models['code']}: weight: [1.0, 'many'] is not a number, a list "
+        "of numbers (a gradient) or a list of {filter, value} entries whose values are those; "
+        "the tuner searches the numbers of a weight setting, so it needs them to be numbers"
+    ]
+    assert not out.exists()
+    result = CliRunner().invoke(main, [config, str(out), "--val", val, "--module-groups", ",mlp"])
+    assert _lines(result) == ["Error: --module-groups needs distinct non-empty names, got ',mlp'"]
+    assert not out.exists()
+
+
+def test_densities_errors_are_one_line_and_write_nothing(tiny_models, val, tmp_path):
+    out = tmp_path / "out"
+    gradient = write_config(
+        str(tmp_path / "g.yml"), tiny_models, per_model={"code": {"density": [0.2, 0.4]}}
+    )
+    task_arithmetic = write_config(
+        str(tmp_path / "ta.yml"), tiny_models, merge_method="task_arithmetic"
+    )
+    code = tiny_models["code"]
+    cases = [
+        (
+            gradient,
+            "0.1,0.2",
+            f"Error: {gradient}: {code}: density [0.2, 0.4] varies from tensor "
+            "to tensor, and --densities sets one density for every model and tensor: write one "
+            "number, or leave out --densities",
+        ),
+        (
+            task_arithmetic,
+            "0.1",
+            f"Error: {task_arithmetic}: --densities searches pcb's density; "
+            "merge_method: task_arithmetic has none that the tuner can search",
+        ),
+        (gradient, "0.1,1.5", "Error: --densities: each density must be in (0, 1], got 1.5"),
+        (gradient, "0.1,0.1", "Error: --densities: each density once, got 0.1,0.1"),
+    ]
+    for config, densities, line in cases:
+        result = CliRunner().invoke(
+            main, [config, str(out), "--val", val, "--densities", densities]
+        )
+        assert result.exit_code == 1
+        assert _lines(result) == [line]
+        assert not out.exists()
+    result = CliRunner().invoke(main, [gradient, str(out), "--val", val, "--densities", "a,b"])
+    assert (
+        result.exit_code == 2 and "expected numbers separated by commas, got 'a,b'" in result.output
+    )
+
+
 def test_every_option_has_help():
     options = [p for p in main.params if isinstance(p, click.Option)]
     assert len(options) >= 25
@@ -245,6 +305,38 @@ def test_ctrl_c_while_searching_is_one_line_and_the_rerun_resumes(
     again = CliRunner().invoke(main, [*args, "--quiet"])
     assert again.exit_code == 0, again.output
     assert "over 5 evaluations (3 of them resumed from history.jsonl)" in again.output
+
+
+def test_ctrl_c_with_densities_counts_every_densitys_history(config, val, tmp_path, monkeypatch):
+    from mergekit_pcb.tune.objective_options import ObjectiveOptions
+
+    build = ObjectiveOptions.build
+    monkeypatch.setattr(
+        ObjectiveOptions, "build", lambda self: (_InterruptAt(build(self)[0], 8), None)
+    )
+    out = tmp_path / "out"
+    args = [config, str(out), "--val", val, "--budget", "10", "--popsize", "4"]
+    args += ["--no-scale-search", "--densities", "0.2,0.4", "--quiet"]
+    stopped = CliRunner().invoke(main, args)
+    assert stopped.exit_code == 130
+    # 5 at density 0.2 (the start and one generation), 2 at 0.4 before the Ctrl-C
+    assert _lines(stopped) == [
+        f"Interrupted: 7 evaluations kept in {out / 'density-*' / HISTORY_FILE}; run the same "
+        "command again to resume from them."
+    ]
+    counted = []
+    monkeypatch.setattr(
+        ObjectiveOptions,
+        "build",
+        lambda self: (counted.append(_InterruptAt(build(self)[0], -1)) or counted[0], None),
+    )
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert counted[0].calls == 3  # only what the Ctrl-C cut short at density 0.4
+    lines = _lines(again)
+    for line, density in zip(lines, ("0.2", "0.4"), strict=False):
+        assert line.startswith(f"density {density}   best score")
+        assert line.endswith("over 5 evaluations")
 
 
 def test_ctrl_c_while_starting_up_is_one_line(config, val, tmp_path, monkeypatch):

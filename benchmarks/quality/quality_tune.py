@@ -13,6 +13,11 @@ favour whichever method's scale the bounds happen to fit.
 
 The tuned model the study scores is the tuner's ``best.yml`` merged by ``run_merge``:
 what a user of the tuner gets.
+
+The finer searches (:data:`FINER_SEARCHES`) ask whether searching more numbers helps: one
+weight per model at a larger budget, a weight per layer and model (``--layer-points`` with
+a point per layer of the study's model), and for ``pcb`` the weight search at each density
+of its grid (``--densities``), each from the same grid choice.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import yaml
@@ -43,6 +48,29 @@ def tuned_label(method_label: str) -> str:
     return f"{method_label} + tuned weights"
 
 
+@dataclass(frozen=True)
+class FinerSearch:
+    """A tuned row searching more than one weight per model at the study's budget."""
+
+    method: str  # the grid row it starts from
+    search: str  # "per model", "per layer" or "densities"
+    budget: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} + tuned {self.search} ({self.budget})"
+
+
+FINER_SEARCHES: tuple[FinerSearch, ...] = (
+    *(
+        FinerSearch(method, search, budget)
+        for method in TUNED_METHODS
+        for search, budget in (("per model", 200), ("per layer", 60), ("per layer", 200))
+    ),
+    FinerSearch("pcb", "densities", 200),
+)
+
+
 def tune_weights(
     config_file: str,
     tune_dir: str,
@@ -50,8 +78,11 @@ def tune_weights(
     budget: int,
     identity: dict[str, Any],
     seed: int = TUNER_SEED,
+    layer_points: int | None = None,
+    densities: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """Search one weight per model of ``config_file`` maximising ``objective``.
+    """Search the weights of ``config_file`` maximising ``objective``: one per model,
+    ``layer_points`` per model (a gradient), or one per model at each of ``densities``.
 
     Returns what the study records of the search: start and best weights and
     validation scores, the best common scale, the evaluations, the reports of a best
@@ -69,6 +100,8 @@ def tune_weights(
         settings,
         identity_objective=identity,
         quiet=True,
+        layer_points=layer_points,
+        densities=densities,
     )
     seconds = time.perf_counter() - began
     history = result.history
@@ -92,6 +125,8 @@ def tune_weights(
         "seconds": seconds,
         "search": asdict(settings),
         "best_yml": os.path.join(tune_dir, "best.yml"),
+        "layer_points": layer_points,
+        "densities": result.densities,
     }
 
 

@@ -42,6 +42,7 @@ from transformers import LlamaForCausalLM
 from benchmarks.quality.quality_eval import Score, normalized_mean, score_tasks
 from benchmarks.quality.quality_merge import (
     ABLATIONS,
+    DENSITIES,
     METHODS,
     RANDOM_SEED,
     MethodSpec,
@@ -53,8 +54,10 @@ from benchmarks.quality.quality_merge import (
 from benchmarks.quality.quality_models import ModelSettings, TrainSettings, build_models
 from benchmarks.quality.quality_tasks import BASE_KEYS, KEYS, TASKS, Splits, make_splits
 from benchmarks.quality.quality_tune import (
+    FINER_SEARCHES,
     TUNED_METHODS,
     TUNER_SEED,
+    FinerSearch,
     read_yaml_config,
     tune_weights,
     tuned_label,
@@ -214,6 +217,7 @@ class Study:
         weights: Sequence[float] | None = None,
         in_memory: dict[str, torch.Tensor] | None = None,
         config: dict[str, Any] | None = None,
+        check: bool = True,
     ) -> dict[str, Any]:
         """Merge through ``run_merge`` and score the written model on both splits.
 
@@ -235,7 +239,7 @@ class Study:
             "val": _summary(self._score(model, "val", tasks), self.expert_scores["val"]),
             "test": _summary(self._score(model, "test", tasks), self.expert_scores["test"]),
         }
-        if not spec.random:
+        if not spec.random and check:
             # The grid ran in memory: check it is the merge mergekit-yaml writes.
             if in_memory is None:
                 experts = {t: self.expert_states[t] for t in tasks}
@@ -246,28 +250,43 @@ class Study:
         return row
 
     def tuned_row(
-        self, spec: MethodSpec, grid_row: dict[str, Any], tasks: Sequence[str], budget: int
+        self,
+        spec: MethodSpec,
+        grid_row: dict[str, Any],
+        tasks: Sequence[str],
+        budget: int,
+        finer: FinerSearch | None = None,
     ) -> dict[str, Any]:
-        """The tuner's default search from ``grid_row``'s config; its best.yml on test."""
+        """The tuner's default search from ``grid_row``'s config (``finer``: a search of
+        more numbers); its best.yml on test."""
 
         def objective(model, tokenizer) -> float:
             scores = score_tasks(model, tokenizer, self.splits.val, tasks)
             return normalized_mean(scores, self.expert_scores["val"], "char_acc")
 
+        label = finer.label if finer else spec.label
         tuned = tune_weights(
             grid_row["config"],
-            os.path.join(self.out_dir, "tune", _label_folder(tasks, spec.label)),
+            os.path.join(self.out_dir, "tune", _label_folder(tasks, label)),
             objective,
             budget,
-            identity={"study": "quality", "method": spec.label, "tasks": list(tasks)},
+            identity={"study": "quality", "method": label, "tasks": list(tasks)},
+            layer_points=MODEL.num_hidden_layers if finer and finer.search == "per layer" else None,
+            densities=DENSITIES if finer and finer.search == "densities" else (),
         )
+        config = read_yaml_config(tuned["best_yml"])
+        setting = dict(grid_row["setting"])
+        if tuned["densities"]:
+            setting["density"] = config["parameters"]["density"]
         row = self.test_merge(
             spec,
-            grid_row["setting"],
+            setting,
             tasks,
-            _label_folder(tasks, f"{spec.label}_tuned"),
+            _label_folder(tasks, f"{label}_tuned"),
             tuned["weights"],
-            config=read_yaml_config(tuned["best_yml"]),
+            config=config,
+            # one weight per model: the config is the grid's setting with those weights
+            check=not finer or finer.search != "per layer",
         )
         row["tuner"] = tuned
         # The tuner scored its candidates without mergekit; the same weights merged by
@@ -358,6 +377,28 @@ def run_subset(
             len(tasks),
             label,
             [round(c, 2) for c in row["tuner"]["weights"]],
+            row["val"]["normalized_char_acc"],
+            row["test"]["normalized_char_acc"],
+            row["tuner"]["evaluations"],
+            row["tuner"]["seconds"],
+        )
+    specs_by_label = {spec.label: spec for spec in METHODS}
+    for finer in FINER_SEARCHES:
+        row = cache.row(
+            tasks,
+            finer.label,
+            study.tuned_row,
+            specs_by_label[finer.method],
+            rows[finer.method],
+            tasks,
+            finer.budget,
+            finer,
+        )
+        rows[finer.label] = row
+        LOG.info(
+            "%d tasks %-34s val %.3f  test %.3f  (%d evaluations, %.0f s)",
+            len(tasks),
+            finer.label,
             row["val"]["normalized_char_acc"],
             row["test"]["normalized_char_acc"],
             row["tuner"]["evaluations"],
@@ -479,6 +520,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
     lines.append("")
     lines += _tuned_tables(results, tuned_methods)
+    lines += _finer_table(results, tuned_methods)
 
     for sub in results["subsets"]:
         tasks = sub["tasks"]
@@ -585,6 +627,47 @@ def _tuned_tables(results: dict[str, Any], methods: Sequence[str]) -> list[str]:
                 f"| {' '.join(f'{w:.2f}' for w in t['weights'])} | {t['evaluations']} "
                 f"| {'; '.join(_bound_text(h) for h in t['on_bound']) or 'none'} "
                 f"| {t['seconds']:.0f} |"
+            )
+    lines.append("")
+    return lines
+
+
+def _finer_table(results: dict[str, Any], methods: Sequence[str]) -> list[str]:
+    """The finer searches beside one weight per model, validation and test side by side."""
+    subsets = results["subsets"]
+    by_method = {m: [tuned_label(m)] for m in methods}
+    for finer in FINER_SEARCHES:
+        by_method[finer.method].append(finer.label)
+    budget = results["settings"]["tuner_budget"]
+    layers = results["settings"]["model"]["num_hidden_layers"]
+    lines = [
+        "## Finer searches: validation against test (normalised %)",
+        "",
+        f"From the same grid choice: `+ tuned weights` is one weight per model at budget "
+        f"{budget}; `per model (200)` the same at 200 evaluations; `per layer` searches a "
+        f"weight per layer and model (`--layer-points {layers}`, "
+        "the embeddings and `lm_head` sharing layer 0's); `densities` runs the per-model "
+        f"search at each density of the grid ({', '.join(f'{d:g}' for d in DENSITIES)}), "
+        "a quarter of the budget each, and keeps the validation best. Each cell: "
+        "validation / test; the gap columns are the means' validation minus test.",
+        "",
+        "| method | search | "
+        + " | ".join(f"{len(sub['tasks'])}: {'+'.join(sub['tasks'])}" for sub in subsets)
+        + " | mean val | mean test | gap |",
+        "|---|---|" + "---:|" * (len(subsets) + 3),
+    ]
+    for method in methods:
+        for label in by_method[method]:
+            if any(label not in sub["rows"] for sub in subsets):
+                continue
+            val = [sub["rows"][label]["val"]["normalized_char_acc"] for sub in subsets]
+            test = [sub["rows"][label]["test"]["normalized_char_acc"] for sub in subsets]
+            search = label.removeprefix(method + " + ")
+            lines.append(
+                f"| {method} | {search} | "
+                + " | ".join(f"{_pct(v)} / {_pct(t)}" for v, t in zip(val, test, strict=True))
+                + f" | {_pct(statistics.mean(val))} | {_pct(statistics.mean(test))} "
+                f"| {_pct(statistics.mean(val) - statistics.mean(test))} |"
             )
     lines.append("")
     return lines

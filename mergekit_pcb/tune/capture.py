@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -43,6 +44,7 @@ from mergekit_pcb.pcb import undivided_contributions
 from mergekit_pcb.tune.compact import CompactRow, compact
 from mergekit_pcb.tune.contributions import Contributions, DiskStore, TensorTerms
 from mergekit_pcb.tune.placement import Placement, place
+from mergekit_pcb.tune.weight_layout import WeightLayout
 
 LOG = logging.getLogger(__name__)
 
@@ -182,7 +184,7 @@ class _Collector:
         self.default_device = default_device
         self.disk = disk
         self.terms: dict[str, TensorTerms] = {}
-        self.weights: dict[int, set[float]] = {}
+        self.weights: dict[str, dict[int, float]] = {}  # as mergekit resolved them
         self.lock = threading.Lock()
 
     def keep(self, name: str, terms: TensorTerms, weights: dict[int, float]) -> None:
@@ -190,8 +192,7 @@ class _Collector:
         with self.lock:
             # Copied even where they are: the base is mergekit's own tensor.
             self.terms[name] = place(self.placement, name, terms, device, self.disk, copy=True)
-            for index, weight in weights.items():
-                self.weights.setdefault(index, set()).add(float(weight))
+            self.weights[name] = {index: float(w) for index, w in weights.items()}
 
 
 def capture_contributions(
@@ -201,8 +202,13 @@ def capture_contributions(
     placement: Placement | None = None,
     cache_dir: str | None = None,
     devices: Mapping[str, torch.device] | None = None,
+    layout: WeightLayout | None = None,
 ) -> Contributions:
     """Run mergekit's plan for ``config`` once and keep every tensor's contributions.
+
+    ``layout``: the searched numbers and how each tensor's weights follow from them
+    (resolved); it is checked against the weights mergekit resolved for the config. By
+    default, one number per model: the config's weight where it is one number.
 
     ``devices`` maps a tensor name to the device of the live parameter it will update
     (default: the merge's device); ``placement`` decides where the contributions live
@@ -259,7 +265,7 @@ def capture_contributions(
         config.merge_method,
         collector.terms,
         fixed,
-        config_weights=_config_weights(names, collector.weights),
+        layout=_checked_layout(layout, names, collector.weights),
         disk=disk,
         placement=placement,
     )
@@ -274,10 +280,50 @@ def capture_contributions(
     return contributions
 
 
-def _config_weights(names: list[str], seen: dict[int, set[float]]) -> list[float | None]:
-    """Each model's weight as the config sets it, or None where it varies by tensor."""
-    out: list[float | None] = []
-    for index, _name in enumerate(names):
-        values = seen.get(index, set())
-        out.append(next(iter(values)) if len(values) == 1 else None)
+def _checked_layout(
+    layout: WeightLayout | None, names: list[str], resolved: dict[str, dict[int, float]]
+) -> WeightLayout:
+    """``layout``, checked against mergekit's weights for the config (its start must give
+    them, tensor by tensor); by default one number per model, starting from the
+    config's weight where it is one number (else 1)."""
+    if layout is None:
+        seen: dict[int, set[float]] = {}
+        for weights in resolved.values():
+            for index, weight in weights.items():
+                seen.setdefault(index, set()).add(weight)
+        start = [
+            next(iter(seen[i])) if len(seen.get(i, ())) == 1 else 1.0 for i in range(len(names))
+        ]
+        return WeightLayout(start, names)
+    for tensor, weights in resolved.items():
+        expected = layout.tensor_weights(tensor, layout.start)
+        for index, weight in weights.items():
+            if not math.isclose(expected[index], weight, rel_tol=1e-12, abs_tol=1e-15):
+                raise RuntimeError(
+                    f"{tensor}: mergekit resolves the weight of {names[index]} to {weight!r}, "
+                    f"but the tuner's reading of the config gives {expected[index]!r}"
+                )
+    return layout
+
+
+def default_weight(method: str) -> float:
+    """The method's default ``weight`` (1 where it has none: mergekit then requires one)."""
+    for parameter in merge_methods.get(method).spec.input_parameters:
+        if parameter.name == "weight" and not parameter.required:
+            return float(parameter.default)
+    return 1.0
+
+
+def plan_weights(raw: dict, options: MergeOptions) -> dict[str, dict[str, float]]:
+    """Per tensor, each model's ``weight`` as mergekit's planner resolves it for the raw
+    config (planned, not executed: no tensor is read)."""
+    config = MergeConfiguration.model_validate(raw)
+    out: dict[str, dict[str, float]] = {}
+    for name, task in compat.plan_tensor_tasks(config, options):
+        parameters = getattr(task, "input_parameters", None) or {}
+        out[name] = {
+            str(model): float(values["weight"])
+            for model, values in parameters.items()
+            if "weight" in values
+        }
     return out

@@ -11,6 +11,7 @@ Ctrl-C ends the command with one line saying what was kept and how to resume.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from collections.abc import Callable
@@ -21,10 +22,12 @@ import click
 from mergekit_pcb.cli import DEBUG_HELP, reported_errors, version_option
 from mergekit_pcb.config_check import read_raw_config
 from mergekit_pcb.console import configure_logging
+from mergekit_pcb.tune.densities import check_densities
 from mergekit_pcb.tune.objective_options import ObjectiveOptions, objective_options
 from mergekit_pcb.tune.records import Evaluation
 from mergekit_pcb.tune.run_dir import HISTORY_FILE, Row, read_history
 from mergekit_pcb.tune.search import SearchSettings
+from mergekit_pcb.tune.weight_layout import search_space
 
 DEFAULTS = SearchSettings()
 
@@ -106,6 +109,33 @@ DEFAULTS = SearchSettings()
 )
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="CMA-ES seed")
 @click.option(
+    "--layer-points",
+    type=click.IntRange(min=1),
+    default=None,
+    help="search each model's weight as a K-point gradient over the layers instead of one "
+    "number (mergekit reads layer l of L at l/(L-1) between the points, and the "
+    "embeddings, final norm and lm_head at the first point); K = the number of layers "
+    "gives every layer its own weight. Applies to weights written as one number; a "
+    "config's own gradients and filters are always searched as written",
+)
+@click.option(
+    "--module-groups",
+    default=None,
+    metavar="NAME,NAME",
+    help="search each model's weight per group of tensors: mergekit gives a tensor the "
+    "value of the first group whose name is part of the tensor's name (e.g. self_attn,mlp), "
+    "and the others a rest value, searched too",
+)
+@click.option(
+    "--densities",
+    default=None,
+    metavar="D,D,...",
+    help="pcb only: run the weight search at each density (fraction of each task vector "
+    "kept), each with an equal share of --budget, and keep the best on validation; each "
+    "density needs its own capture of the contributions (one at a time), in "
+    "OUT_DIR/density-D/",
+)
+@click.option(
     "--contributions",
     type=click.Choice(["auto", "device", "cpu", "disk"]),
     default="auto",
@@ -157,6 +187,9 @@ def main(
     popsize: int | None,
     budget: int,
     seed: int,
+    layer_points: int | None,
+    module_groups: str | None,
+    densities: str | None,
     contributions: str,
     device: str,
     device_map: str | None,
@@ -176,6 +209,9 @@ def main(
     try:
         with reported_errors(debug):
             raw_config = read_raw_config(config_file)
+            groups = module_groups.split(",") if module_groups is not None else []
+            space = search_space(layer_points, groups)
+            density_values = check_densities(_numbers("--densities", densities))
             settings = SearchSettings(
                 start=start,
                 lower=lower,
@@ -210,11 +246,20 @@ def main(
                     write_model=write_model,
                     quiet=quiet,
                     make_evaluator=make,
+                    **space,
+                    densities=density_values,
                 )
     except KeyboardInterrupt:
         click.echo(interrupted_line(out_dir), err=True)
         raise click.exceptions.Exit(130) from None
     direction = "higher" if objective.maximize else "lower"
+    for entry in result.densities:
+        test = entry.get("test_scores", {}).get("best")
+        tested = "" if test is None else f" test {test!s:<12}"
+        click.echo(
+            f"density {entry['density']:<5g} best score {entry['best_score']!s:<12}{tested}"
+            f" over {entry['evaluations']} evaluations"
+        )
     resumed = result.search.resumed
     replayed = f" ({resumed} of them resumed from {HISTORY_FILE})" if resumed else ""
     click.echo(
@@ -231,12 +276,29 @@ def main(
     click.echo(f"best config: {os.path.join(out_dir, 'best.yml')}")
 
 
+def _numbers(option: str, text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected numbers separated by commas, got {text!r}", param_hint=option
+        ) from None
+
+
 def interrupted_line(
     out_dir: str, parse: Callable[[dict[str, Any]], Row] = Evaluation.from_row
 ) -> str:
     """What Ctrl-C leaves: the evaluations kept (rows read by ``parse``), and how to go on."""
     path = os.path.join(out_dir, HISTORY_FILE)
-    kept = len(read_history(path, parse))  # {} when there is no history yet
+    paths = [
+        path,
+        *sorted(glob.glob(os.path.join(glob.escape(out_dir), "density-*", HISTORY_FILE))),
+    ]
+    if len(paths) > 1:  # the tuner's --densities: a history per density
+        path = os.path.join(out_dir, "density-*", HISTORY_FILE)
+    kept = sum(len(read_history(p, parse)) for p in paths)  # {} for a history not yet written
     if not kept:
         return "Interrupted before any evaluation finished; nothing to resume."
     return (

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_pcb.tune.compact import CompactRow
+from mergekit_pcb.tune.weight_layout import WeightLayout
 
 if TYPE_CHECKING:
     from mergekit_pcb.tune.placement import Placement
@@ -160,7 +161,7 @@ class Contributions:
         terms: dict[str, TensorTerms],
         fixed: dict[str, torch.Tensor],
         *,
-        config_weights: Sequence[float | None] | None = None,
+        layout: WeightLayout | None = None,
         disk: DiskStore | None = None,
         placement: Placement | None = None,
     ):
@@ -168,8 +169,8 @@ class Contributions:
         self.method = method
         self.terms = terms
         self.fixed = fixed  # tensors that do not depend on the weights (buffers)
-        # Each model's weight as the config resolves it (None: it varies by tensor).
-        self.config_weights = list(config_weights or [None] * len(self.model_names))
+        # The searched numbers, and each tensor's weights for them (default: one per model).
+        self.layout = layout or WeightLayout([1.0] * len(self.model_names), self.model_names)
         self.disk = disk  # where terms placed on disk are (None: nowhere)
         self.placement = placement
 
@@ -223,8 +224,10 @@ class Contributions:
             _add_converted(out, terms.base.reshape(-1))
         return out
 
-    def merged_tensor(self, name: str, weights: Sequence[float]) -> torch.Tensor:
-        """Tensor ``name`` of the merge for ``weights``, float32, on its rows' device."""
+    def merged_tensor(self, name: str, numbers: Sequence[float]) -> torch.Tensor:
+        """Tensor ``name`` of the merge for the searched ``numbers`` (see :attr:`layout`),
+        float32, on its rows' device."""
+        weights = self.layout.tensor_weights(name, numbers)
         terms = self.terms[name]
         rows = list(terms.rows.values())
         stored = terms.base if terms.base is not None else rows[0].values if rows else None
@@ -232,10 +235,11 @@ class Contributions:
         out = torch.empty(terms.numel, dtype=torch.float32, device=device)
         return self.write_tensor(name, weights, out).reshape(terms.shape)
 
-    def apply(self, model: torch.nn.Module, weights: Sequence[float]) -> None:
-        """Write the merge for ``weights`` (one per model) into ``model`` in place."""
-        if len(weights) != self.n_models:
-            raise ValueError(f"expected {self.n_models} weights, got {len(weights)}")
+    def apply(self, model: torch.nn.Module, numbers: Sequence[float]) -> None:
+        """Write the merge for the searched ``numbers`` into ``model`` in place: one
+        weight per model, or the numbers of the config's weight settings (:attr:`layout`)."""
+        if len(numbers) != self.layout.size:
+            raise ValueError(f"expected {self.layout.size} weights, got {len(numbers)}")
         params = named_tensors(model)
         scratch: dict[torch.device, torch.Tensor] = {}
         with torch.no_grad():
@@ -251,6 +255,7 @@ class Contributions:
                         device=target.device,
                     )
                     scratch[target.device] = buffer
+                weights = self.layout.tensor_weights(name, numbers)
                 out = self.write_tensor(name, weights, buffer[: terms.numel])
                 target.copy_(out.view(terms.shape))
 

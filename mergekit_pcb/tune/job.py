@@ -26,25 +26,40 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_pcb.config_check import RawConfig
+from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.merge import LoadedConfig, merge_into, parse_config, read_config
-from mergekit_pcb.tune.capture import capture_contributions, tuned_model_names
+from mergekit_pcb.tune.capture import (
+    capture_contributions,
+    default_weight,
+    plan_weights,
+    tuned_model_names,
+)
 from mergekit_pcb.tune.contributions import Contributions, named_tensors
+from mergekit_pcb.tune.densities import (
+    check_config_for_densities,
+    check_densities,
+    config_at_density,
+    density_dir,
+    density_summary,
+)
 from mergekit_pcb.tune.driver import open_search_run, run_search
 from mergekit_pcb.tune.live_model import load_model, load_tokenizer, resolve_device
 from mergekit_pcb.tune.objectives import Objective, ReferencedObjective, set_reference_scores
 from mergekit_pcb.tune.outputs import EditEntry, config_yaml
 from mergekit_pcb.tune.outputs import plot_scores as draw_scores
 from mergekit_pcb.tune.placement import placement_for
-from mergekit_pcb.tune.records import BatchEvaluator, Candidate, Evaluation
+from mergekit_pcb.tune.records import BatchEvaluator, Candidate, Evaluation, is_better
 from mergekit_pcb.tune.run_dir import RunDirectory, write_atomic
 from mergekit_pcb.tune.search import SearchResult, SearchSettings
+from mergekit_pcb.tune.weight_layout import WeightLayout, layout_for, search_space
 
 LOG = logging.getLogger(__name__)
 
@@ -61,6 +76,7 @@ class TuneResult:
     bytes_per_parameter_per_model: float
     placement: str
     test_scores: dict[str, float]  # "start" and "best" on the test objective, if any
+    densities: list[dict[str, Any]] = field(default_factory=list)  # with --densities
 
     @property
     def best(self) -> Evaluation:
@@ -88,6 +104,8 @@ class _Job:
     dtype: torch.dtype
     device: str
     base_path: str
+    layout: WeightLayout  # the searched numbers (positions resolved before the capture)
+    densities: list[float] = field(default_factory=list)  # --densities (empty: none)
 
 
 def tune(
@@ -104,6 +122,9 @@ def tune(
     write_model: bool = False,
     quiet: bool = False,
     make_evaluator: MakeEvaluator | None = None,
+    layer_points: int | None = None,
+    module_groups: Sequence[str] = (),
+    densities: Sequence[float] = (),
 ) -> TuneResult:
     """Run a whole tuning job (see the module docstring); return the result.
 
@@ -112,10 +133,21 @@ def tune(
     name). ``contributions``: where they live (``auto``, ``device``, ``cpu``, ``disk``).
     ``make_evaluator``: builds the :class:`~mergekit_pcb.tune.records.BatchEvaluator`
     from the contributions, the live model and the tokenizer (default: the candidates
-    one after another in this process).
+    one after another in this process). ``layer_points``/``module_groups``: give each
+    model's plain-number weight that structure to search (``weight_layout.py``).
+    ``densities``: run the search at each ``pcb`` density (``densities.py``).
     """
     settings = settings or SearchSettings()
-    job = _open_job(config_file, out_dir, settings, objective, identity_objective, device)
+    job = _open_job(
+        config_file,
+        out_dir,
+        settings,
+        objective,
+        identity_objective,
+        device,
+        search_space(layer_points, module_groups),
+        check_densities(densities),
+    )
     try:
         return _run_job(
             job,
@@ -150,14 +182,47 @@ def _run_job(
     tokenizer = load_tokenizer(job.base_path, "the tuner")
     if isinstance(objective, ReferencedObjective) and objective.normalized:
         _set_reference_scores(job, objective, tokenizer)
-    model, captured = _load_and_capture(job, contributions, device_map, quiet)
-    try:
-        result = _search(job, objective, captured, model, tokenizer, make_evaluator, quiet)
-        test_scores = _write_outputs(
-            job, result, objective, test_objective, captured, model, tokenizer
+    model = load_model(job.base_path, job.dtype, job.device, device_map)
+    options = MergeOptions(quiet=quiet, device=job.device if device_map is None else "cuda")
+    job.layout = job.layout.resolved(job.config.raw, lambda raw: plan_weights(raw, options))
+    runs = [_at_density(job, d) for d in job.densities] or [job]
+    overall: list[Evaluation] = []  # the best of every run so far (with --densities)
+
+    def on_improvement(run: _Job, evaluation: Evaluation) -> None:
+        if run is job:  # one search: its best.yml is OUT_DIR's
+            return
+        if not overall or is_better(evaluation.score, overall[0].score, objective.maximize):
+            overall[:] = [evaluation]
+            write_atomic(
+                os.path.join(out_dir, "best.yml"),
+                best_config_yaml(run.config.raw, job.layout, evaluation.weights),
+            )
+
+    outcomes = []
+    for run in runs:
+        captured = _capture(run, model, contributions, options)
+        try:
+            result = _search(
+                run, objective, captured, model, tokenizer, make_evaluator, quiet, on_improvement
+            )
+            test_scores = _write_outputs(
+                run, result, objective, test_objective, captured, model, tokenizer
+            )
+        finally:
+            shutil.rmtree(os.path.join(run.out_dir, CACHE_DIR), ignore_errors=True)
+        stored = (
+            captured.row_bytes,
+            captured.bytes_per_parameter_per_model,
+            captured.placement.describe(),
         )
-    finally:
-        shutil.rmtree(os.path.join(out_dir, CACHE_DIR), ignore_errors=True)
+        outcomes.append((run, result, test_scores, stored))
+        del captured  # one capture at a time: the next replaces it
+    run, result, test_scores, stored = _best_outcome(outcomes, objective)
+    densities = [
+        density_summary(d, o[1], o[2]) for d, o in zip(job.densities, outcomes, strict=False)
+    ]
+    if densities:
+        _write_density_outputs(job, run, result, objective, densities)
     if write_model:
         best = read_config(os.path.join(out_dir, "best.yml"))
         merge_into(
@@ -166,13 +231,61 @@ def _run_job(
             MergeOptions(quiet=quiet, device=job.device),
             config_source=best.source,
         )
-    return TuneResult(
-        result,
-        captured.row_bytes,
-        captured.bytes_per_parameter_per_model,
-        captured.placement.describe(),
-        test_scores,
+    return TuneResult(result, *stored, test_scores, densities)
+
+
+def _best_outcome(outcomes: list, objective: Objective) -> tuple:
+    """The run whose best scores best on validation (the first, on a tie)."""
+    best = outcomes[0]
+    for outcome in outcomes[1:]:
+        if is_better(outcome[1].best.score, best[1].best.score, objective.maximize):
+            best = outcome
+    return best
+
+
+def _at_density(job: _Job, density: float) -> _Job:
+    """The search at one density: its config, its own directory, a share of the budget."""
+    raw = config_at_density(job.config.raw, density)
+    config = LoadedConfig(
+        job.config.path, job.config.source, raw, MergeConfiguration.model_validate(raw)
     )
+    share = job.settings.budget // len(job.densities)
+    return replace(
+        job,
+        config=config,
+        out_dir=density_dir(job.out_dir, density),
+        identity={**job.identity, "density": density},
+        settings=replace(job.settings, budget=share),
+        densities=[],
+    )
+
+
+def _write_density_outputs(
+    job: _Job, run: _Job, result: SearchResult, objective: Objective, densities: list[dict]
+) -> None:
+    """OUT_DIR's own outputs with --densities: the best density's config, plot and
+    summary, the summary listing every density's best."""
+    write_atomic(
+        os.path.join(job.out_dir, "best.yml"),
+        best_config_yaml(run.config.raw, job.layout, result.best.weights),
+    )
+    shutil.copyfile(
+        os.path.join(run.out_dir, "scores.png"), os.path.join(job.out_dir, "scores.png")
+    )
+    with open(os.path.join(run.out_dir, "summary.json"), encoding="utf-8") as file:
+        summary = json.load(file)
+    summary["best"]["density"] = run.identity["density"]
+    summary["densities"] = densities
+    summary["evaluations"] = sum(d["evaluations"] for d in densities)
+    write_atomic(os.path.join(job.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    for entry in densities:
+        LOG.info(
+            "density %g: best %s %.6g over %d evaluations",
+            entry["density"],
+            objective.name,
+            entry["best_score"],
+            entry["evaluations"],
+        )
 
 
 def _open_job(
@@ -182,6 +295,8 @@ def _open_job(
     objective: Objective,
     identity_objective: dict | None,
     device: str,
+    space: dict[str, Any],
+    densities: list[float],
 ) -> _Job:
     """Phase 1: the config read and checked, OUT_DIR opened (or refused) for the run."""
     config = (
@@ -191,16 +306,41 @@ def _open_job(
     )
     merge_config = config.merge_config
     names = tuned_model_names(merge_config)
+    try:
+        layout = layout_for(
+            config.raw, names, default=default_weight(merge_config.merge_method), **space
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{config.path}: {error}") from None
+    if densities:
+        try:
+            check_config_for_densities(config.raw, names)
+        except ConfigError as error:
+            raise ConfigError(f"{config.path}: {error}") from None
+        space = {**space, "densities": densities}
     identity = {
         "config_sha256": hashlib.sha256(config.source.encode()).hexdigest(),
         "models": names,
         "objective": identity_objective or {"name": objective.name},
+        **({"search_space": space} if any(space.values()) else {}),
     }
     base = merge_config.base_model or merge_config.models[0].model
     dtype = getattr(torch, merge_config.out_dtype or merge_config.dtype or "float32")
     device = resolve_device(device)
+    per_run = settings
+    if densities:  # each density's search gets an equal share of the budget
+        per_run = replace(settings, budget=max(1, settings.budget // len(densities)))
+    try:
+        run = open_search_run(out_dir, identity, per_run, layout.size)  # last: it locks
+    except ValueError as error:
+        if not densities:
+            raise
+        raise ValueError(
+            f"--budget {settings.budget} over {len(densities)} densities leaves "
+            f"{per_run.budget} for each: {error}"
+        ) from None
     return _Job(
-        run=open_search_run(out_dir, identity, settings, len(names)),  # last: it locks
+        run=run,
         config=config,
         out_dir=out_dir,
         names=names,
@@ -209,6 +349,8 @@ def _open_job(
         dtype=dtype,
         device=device,
         base_path=str(base.model.path),
+        layout=layout,
+        densities=densities,
     )
 
 
@@ -218,24 +360,22 @@ def _set_reference_scores(job: _Job, objective: ReferencedObjective, tokenizer: 
     set_reference_scores(objective, job.out_dir, job.names, job.dtype, job.device, tokenizer)
 
 
-def _load_and_capture(
-    job: _Job, contributions: str, device_map: str | None, quiet: bool
-) -> tuple[Any, Contributions]:
-    """Phase 3: the live model, and the contributions captured and placed beside it."""
-    model = load_model(job.base_path, job.dtype, job.device, device_map)
+def _capture(job: _Job, model: Any, contributions: str, options: MergeOptions) -> Contributions:
+    """Phase 3: the contributions captured and placed beside the live model's parameters."""
     params = named_tensors(model)
     placement = placement_for(contributions, sorted({str(p.device) for p in params.values()}))
     began = time.perf_counter()
     captured = capture_contributions(
         job.config.merge_config,
-        MergeOptions(quiet=quiet, device=job.device if device_map is None else "cuda"),
+        options,
         placement=placement,
         cache_dir=os.path.join(job.out_dir, CACHE_DIR),
         devices={name: p.device for name, p in params.items()},
+        layout=job.layout,
     )
     LOG.info("captured the contributions in %.1f s", time.perf_counter() - began)
     captured.load_fixed(model)
-    return model, captured
+    return captured
 
 
 def _search(
@@ -246,26 +386,28 @@ def _search(
     tokenizer: Any,
     make_evaluator: MakeEvaluator | None,
     quiet: bool,
+    also_on_improvement: Callable[[_Job, Evaluation], None],
 ) -> SearchResult:
     """Phase 4: the search, from the config's weights; ``best.yml`` as it improves."""
 
     def on_improvement(evaluation: Evaluation) -> None:
         write_atomic(
             os.path.join(job.out_dir, "best.yml"),
-            best_config_yaml(job.config.raw, job.names, evaluation.weights),
+            best_config_yaml(job.config.raw, job.layout, evaluation.weights),
         )
+        also_on_improvement(job, evaluation)
 
     return run_search(
         make_evaluator(captured, model, tokenizer)
         if make_evaluator
         else captured.scorer(model, tokenizer, objective),
-        len(job.names),
+        job.layout.size,
         maximize=objective.maximize,
         out_dir=job.out_dir,
         identity=job.identity,
         settings=job.settings,
-        start=captured.config_weights,
-        model_names=job.names,
+        start=job.layout.start,
+        model_names=job.layout.labels,
         on_improvement=on_improvement,
         quiet=quiet,
     )
@@ -292,18 +434,21 @@ def _write_outputs(
     return test_scores
 
 
-def best_config_yaml(raw: dict, model_names: Sequence[str], weights: Sequence[float]) -> str:
-    """The original config with each tuned model's ``weight`` set to its tuned value."""
+def best_config_yaml(raw: dict, layout: WeightLayout, numbers: Sequence[float]) -> str:
+    """The original config with each tuned model's ``weight`` setting holding its tuned
+    numbers (in the setting's own structure)."""
 
-    def set_weight(weight: float) -> EditEntry:
+    def set_weight(setting: Any) -> EditEntry:
         def edit(entry: dict) -> None:
-            entry["parameters"] = dict(entry.get("parameters") or {}, weight=weight)
+            entry["parameters"] = dict(entry.get("parameters") or {}, weight=setting)
 
         return edit
 
-    edits = {name: set_weight(float(w)) for name, w in zip(model_names, weights, strict=True)}
+    settings = zip(layout.model_names, layout.settings_with(numbers), strict=True)
     return config_yaml(
-        raw, edits, "Written by mergekit-pcb-tune: the tuned merge. Run: mergekit-yaml best.yml OUT"
+        raw,
+        {name: set_weight(setting) for name, setting in settings},
+        "Written by mergekit-pcb-tune: the tuned merge. Run: mergekit-yaml best.yml OUT",
     )
 
 
@@ -315,6 +460,7 @@ def _summary(
         "direction": "maximize" if objective.maximize else "minimize",
         "method": captured.method,
         "models": names,
+        "numbers": captured.layout.labels,
         "evaluations": len(result.history),
         "resumed": result.resumed,
         "failed": sum(not e.ok for e in result.history),

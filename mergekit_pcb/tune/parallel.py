@@ -58,6 +58,7 @@ from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.tune.contributions import Contributions, DiskStore, TensorTerms
 from mergekit_pcb.tune.objectives import Objective
 from mergekit_pcb.tune.records import Candidate, Evaluation, Outcome, evaluate_candidate
+from mergekit_pcb.tune.weight_layout import WeightLayout
 
 LOG = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class _Payload:
     method: str
     terms: dict[str, TensorTerms]  # in CPU memory, or placeholders of terms on disk
     fixed: dict[str, torch.Tensor]
-    config_weights: list[float | None]
+    layout: WeightLayout
     placement_mode: str
     disk_directory: str | None
     disk_location: dict[str, str]
@@ -135,7 +136,7 @@ def _payload(
         method=contributions.method,
         terms=terms,
         fixed={name: value.cpu() for name, value in contributions.fixed.items()},
-        config_weights=list(contributions.config_weights),
+        layout=contributions.layout,
         placement_mode=contributions.placement.mode if contributions.placement else "auto",
         disk_directory=disk.directory if disk is not None else None,
         disk_location=dict(disk.location) if disk is not None else {},
@@ -199,7 +200,7 @@ class Worker:
             payload.method,
             terms,
             payload.fixed,
-            config_weights=payload.config_weights,
+            layout=payload.layout,
             disk=disk,
             placement=placement,
         )

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergekit_pcb.errors import ConfigError
 from mergekit_pcb.tune.records import Candidate, Evaluation, is_better
 
 if TYPE_CHECKING:
@@ -197,14 +196,13 @@ def planned_evaluations(settings: SearchSettings, n_models: int, scale_search: b
 
 def start_weights(
     settings: SearchSettings,
-    config_weights: Sequence[float | None] | None,
+    config_weights: Sequence[float] | None,
     model_names: Sequence[str],
 ) -> list[float]:
-    """The weights the search starts from: ``settings.start`` for every model, else
-    the config's (``config_weights``; None: all 1).
+    """The numbers the search starts from: ``settings.start`` for every one, else the
+    config's (``config_weights``; None: all 1). ``model_names`` name the numbers.
 
-    Refuses a config weight that varies from tensor to tensor (None in
-    ``config_weights``), and a start of 0 in the relative box (a multiple of 0 is 0).
+    Refuses a start of 0 in the relative box (a multiple of 0 is 0).
     """
     n = len(model_names)
     if settings.start is not None:
@@ -213,13 +211,6 @@ def start_weights(
         return [1.0] * n
     if len(config_weights) != n:
         raise ValueError(f"got {len(config_weights)} start weights for {n} models")
-    varying = [name for name, w in zip(model_names, config_weights, strict=True) if w is None]
-    if varying:
-        raise ConfigError(
-            f"the weight of {', '.join(varying)} varies from tensor to tensor (a gradient or "
-            "filters); the tuner searches one weight per model: give it a single number, "
-            "or a common start with --start"
-        )
     weights = [float(w) for w in config_weights]
     if not settings.absolute:
         zero = [name for name, w in zip(model_names, weights, strict=True) if w == 0]
