@@ -316,6 +316,16 @@ def test_bad_configs_are_one_error_line_and_nothing_written(tiny_models, val, tm
         "would ignore; did you mean 'density'?" in line
     )
 
+    plus = tmp_path / "a+b"
+    result = CliRunner().invoke(
+        main, [_config(tmp_path, tiny_models, "ties"), str(plus), "--val", val]
+    )
+    assert _lines(result) == [
+        f"Error: {plus}: the output folder's path contains '+', which mergekit reads in "
+        "best.yml's model paths as model+LoRA; choose a folder without it"
+    ]
+    assert not plus.exists()
+
     pcb = write_config(str(tmp_path / "pcb.yml"), tiny_models, parameters={"lamda": 1.0})
     result = CliRunner().invoke(main, [pcb, str(out), "--val", val])
     assert result.exit_code == 1

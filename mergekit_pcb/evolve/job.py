@@ -154,6 +154,12 @@ def open_job(
         check_config(merge_config, options)
     except ValueError as error:
         raise ConfigError(f"{path}: {error}") from None
+    if "+" in os.path.abspath(out_dir):
+        # best.yml names the evolved models by their folders under OUT_DIR.
+        raise ConfigError(
+            f"{out_dir}: the output folder's path contains '+', which mergekit reads in "
+            "best.yml's model paths as model+LoRA; choose a folder without it"
+        )
     names = [str(ref) for ref in refs]
     identity = {
         "config_sha256": hashlib.sha256(config.source.encode()).hexdigest(),
