@@ -25,6 +25,11 @@ Run after the dev install, from the repository root::
 
     .venv/bin/python -m benchmarks.evolve_speed
     .venv/bin/python -m benchmarks.evolve_speed --method pcb --scope model --rounds 2
+    python -m benchmarks.evolve_speed --size 500m --device cuda --rounds 1   # on a GPU machine
+
+With ``--device cuda`` the live model and the population are on the GPU, the merge-and-load
+child merges with mergekit-yaml's ``--cuda`` and loads onto the GPU, and the time target is
+0.25 x (peak RSS is still the processes' CPU memory).
 """
 
 from __future__ import annotations
@@ -73,7 +78,12 @@ def _objective(model, tokens: torch.Tensor) -> float:
         return float(model(tokens).logits.float().mean())
 
 
-def _evolver_child(config_path: str, candidates: int, seed: int) -> dict[str, Any]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _evolver_child(config_path: str, candidates: int, seed: int, device: str) -> dict[str, Any]:
     from mergekit.options import MergeOptions
     from transformers import AutoModelForCausalLM
 
@@ -85,13 +95,16 @@ def _evolver_child(config_path: str, candidates: int, seed: int) -> dict[str, An
 
     began = time.perf_counter()
     config, _ = load_config(config_path)
-    options = MergeOptions(quiet=True, random_seed=seed)
+    options = MergeOptions(quiet=True, random_seed=seed, device=device)
     base = str(config.base_model.model.path)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
-    population = Population.load(config, options, placement=Placement(mode="cpu"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device).eval()
+    # On the CPU the population lives in CPU memory; on a GPU beside the live model.
+    placement = Placement(mode="cpu" if device == "cpu" else "device")
+    population = Population.load(config, options, placement=placement)
     merge = PopulationMerge(config, options, floating=population.floating())
     merge.write_fixed(model, population.base, population.members())
-    tokens = torch.arange(1, 17).unsqueeze(0)
+    tokens = torch.arange(1, 17, device=device).unsqueeze(0)
+    _sync(device)
     setup = time.perf_counter() - began
     rows = []
     n = population.n
@@ -101,8 +114,10 @@ def _evolver_child(config_path: str, candidates: int, seed: int) -> dict[str, An
         key = OffspringKey(seed, index // n, individual, uniform_partner(seed, 0, individual, n))
         t0 = time.perf_counter()
         child = population.offspring(key)
+        _sync(device)
         t1 = time.perf_counter()
         merge.write_merge(model, population.base, population.members({individual: child}))
+        _sync(device)
         t2 = time.perf_counter()
         _objective(model, tokens)
         t3 = time.perf_counter()
@@ -111,7 +126,7 @@ def _evolver_child(config_path: str, candidates: int, seed: int) -> dict[str, An
     return {"setup": setup, "candidates": rows, "describe": population.describe()}
 
 
-def _mergekit_child(config_path: str, repeats: int, seed: int) -> dict[str, Any]:
+def _mergekit_child(config_path: str, repeats: int, seed: int, device: str) -> dict[str, Any]:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
     from transformers import AutoModelForCausalLM
@@ -125,9 +140,11 @@ def _mergekit_child(config_path: str, repeats: int, seed: int) -> dict[str, Any]
         for _ in range(repeats):
             out = os.path.join(scratch, "merged")
             t0 = time.perf_counter()
-            run_merge(config, out, MergeOptions(quiet=True, random_seed=seed))
+            # mergekit-yaml --cuda merges on the GPU (MergeOptions.device).
+            run_merge(config, out, MergeOptions(quiet=True, random_seed=seed, device=device))
             t1 = time.perf_counter()
-            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device)
+            _sync(device)
             t2 = time.perf_counter()
             rows.append({"merge": t1 - t0, "load": t2 - t1})
             del model
@@ -137,7 +154,9 @@ def _mergekit_child(config_path: str, repeats: int, seed: int) -> dict[str, Any]
     return {"runs": rows}
 
 
-def _run_child(kind: str, config: str, count: int, seed: int) -> tuple[dict[str, Any], float]:
+def _run_child(
+    kind: str, config: str, count: int, seed: int, device: str
+) -> tuple[dict[str, Any], float]:
     """A child's JSON result and its own peak RSS (MiB)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = handle.name
@@ -155,6 +174,8 @@ def _run_child(kind: str, config: str, count: int, seed: int) -> tuple[dict[str,
         str(count),
         "--seed",
         str(seed),
+        "--device",
+        device,
     ]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert child.stderr is not None
@@ -195,6 +216,14 @@ def _run_child(kind: str, config: str, count: int, seed: int) -> tuple[dict[str,
     "--candidates", default=3, show_default=True, type=click.IntRange(min=1), help="per round"
 )
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="cuda: the population beside a live model on the GPU, against mergekit-yaml --cuda "
+    "(target: a candidate <= 0.25 x the merge and load)",
+)
 @click.option("--child", type=click.Choice(["evolver", "mergekit"]), hidden=True)
 @click.option("--child-config", hidden=True)
 @click.option("--child-result", hidden=True)
@@ -207,6 +236,7 @@ def main(
     rounds: int,
     candidates: int,
     seed: int,
+    device: str,
     child: str | None,
     child_config: str | None,
     child_result: str | None,
@@ -214,7 +244,7 @@ def main(
     if child is not None:
         assert child_config and child_result
         run = _evolver_child if child == "evolver" else _mergekit_child
-        result = run(child_config, candidates, seed)
+        result = run(child_config, candidates, seed, device)
         with open(child_result, "w", encoding="utf-8") as file:
             json.dump(result, file)
         return
@@ -232,7 +262,7 @@ def main(
     full_peak = evolver_peak = 0.0
     describe = ""
     for round_index in range(rounds):
-        full, peak = _run_child("mergekit", config, 1, seed)
+        full, peak = _run_child("mergekit", config, 1, seed, device)
         full_runs += full["runs"]
         full_peak = max(full_peak, peak)
         LOG.info(
@@ -241,7 +271,7 @@ def main(
             full["runs"][0]["merge"] + full["runs"][0]["load"],
             peak,
         )
-        evolver, peak = _run_child("evolver", config, candidates, seed)
+        evolver, peak = _run_child("evolver", config, candidates, seed, device)
         per += evolver["candidates"]
         setups.append(evolver["setup"])
         describe = evolver["describe"]
@@ -263,7 +293,7 @@ def main(
     label = method + (" scope: model" if method == "pcb" and scope == "model" else "")
     print(
         f"\nsynthetic Llama ~{size.upper()} parameters, base + {len(FINETUNES)} fine-tunes, "
-        f"bfloat16, {label} (density 0.2), CPU, {torch.get_num_threads()} threads, "
+        f"bfloat16, {label} (density 0.2), {_device_text(device)}, "
         f"torch {torch.__version__}, checkout {revision}; {rounds} rounds, medians over "
         f"{len(per)} candidates and {len(full_runs)} merges and loads; load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1 min)\n"
@@ -284,8 +314,9 @@ def main(
     for name, seconds in rows:
         print(f"| {name} | {seconds:.3f} |")
     print(f"\npeak RSS: evolver {evolver_peak:.0f} MiB, merge and load {full_peak:.0f} MiB")
+    limit = 0.25 if device == "cuda" else 0.5
     checks = [
-        ("candidate time <= 0.5 x merge and load", t_candidate / t_full, 0.5),
+        (f"candidate time <= {limit} x merge and load", t_candidate / t_full, limit),
         ("evolver peak RSS <= 2 x merge and load", evolver_peak / full_peak, 2.0),
     ]
     for name, ratio, limit in checks:
@@ -294,6 +325,7 @@ def main(
         json.dump(
             {
                 "method": label,
+                "device": _device_text(device),
                 "checkout": revision,
                 "load_average": [load_before, load_after],
                 "evolver_setup": setups,
@@ -305,6 +337,12 @@ def main(
             file,
             indent=2,
         )
+
+
+def _device_text(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

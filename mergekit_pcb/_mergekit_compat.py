@@ -49,7 +49,8 @@ class _DropTorchDtypeNotice(logging.Filter):
 @contextmanager
 def _quiet_torch_dtype_setter() -> Iterator[None]:
     """``_model_out_config`` sets ``config.torch_dtype``, which transformers now logs as
-    deprecated: the tuner's capture would print mergekit's notice as if it were ours."""
+    deprecated: the tuner's capture and the Evolver's plan would print mergekit's notice as
+    if it were ours."""
     logger = logging.getLogger("transformers.configuration_utils")
     notice = _DropTorchDtypeNotice()
     logger.addFilter(notice)
@@ -108,7 +109,10 @@ def plan_saved_tensors(config: MergeConfiguration, options: MergeOptions) -> lis
 
     config = config.model_copy(deep=True)  # the planner normalises it in place
     arch_info = get_architecture_info(config, options)
-    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    with _quiet_torch_dtype_setter():
+        out_config = _model_out_config(
+            config, arch_info, trust_remote_code=options.trust_remote_code
+        )
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     targets = planner.plan_to_disk(out_path="<not written>")
     executor = Executor(targets, math_device=options.device, storage_device="cpu")

@@ -316,6 +316,16 @@ def test_bad_configs_are_one_error_line_and_nothing_written(tiny_models, val, tm
         "would ignore; did you mean 'density'?" in line
     )
 
+    plus = tmp_path / "a+b"
+    result = CliRunner().invoke(
+        main, [_config(tmp_path, tiny_models, "ties"), str(plus), "--val", val]
+    )
+    assert _lines(result) == [
+        f"Error: {plus}: the output folder's path contains '+', which mergekit reads in "
+        "best.yml's model paths as model+LoRA; choose a folder without it"
+    ]
+    assert not plus.exists()
+
     pcb = write_config(str(tmp_path / "pcb.yml"), tiny_models, parameters={"lamda": 1.0})
     result = CliRunner().invoke(main, [pcb, str(out), "--val", val])
     assert result.exit_code == 1
@@ -338,3 +348,48 @@ def test_another_setting_is_refused_naming_it(tiny_models, val, tmp_path):
     (line,) = _lines(second)
     assert line.startswith(f"Error: {out} holds a different evolver run (differs in: settings.f")
     assert open(os.path.join(out, "history.jsonl")).read() == history
+
+
+def test_normalized_objective_divides_by_the_best_fine_tune(tiny_models, val, tmp_path):
+    """--combine normalized: the start is the config's merge's loss over the lowest loss of
+    any original fine-tune alone, each scored here from folders transformers loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _config(tmp_path, tiny_models, "pcb")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main,
+        [config, str(out), "--val", val, "--combine", "normalized", "--generations", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.load(open(out / "summary.json"))
+    assert summary["failed"] == 0
+
+    loss = validation_loss([val])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["base"])
+
+    def score(folder: str) -> float:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return loss(model, tokenizer)
+
+    merged = str(tmp_path / "merged")
+    raw = yaml.safe_load(open(config, encoding="utf-8"))
+    run_merge(MergeConfiguration.model_validate(raw), merged, MergeOptions(quiet=True))
+    best_alone = min(score(tiny_models[n]) for n in FINETUNES)
+    assert summary["start"]["score"] == pytest.approx(score(merged) / best_alone, rel=1e-9)
+    assert (out / "reference_scores.json").exists()
+
+
+def test_a_run_whose_every_candidate_fails_stops_with_the_first_error(tiny_models, val, tmp_path):
+    objective = tmp_path / "broken.py"
+    objective.write_text("def score(model, tokenizer):\n    raise ValueError('boom')\n")
+    config = _config(tmp_path, tiny_models, "task_arithmetic")
+    out = tmp_path / "run"
+    args = [config, str(out), "--objective", "function", "--function", f"{objective}:score"]
+    result = CliRunner().invoke(main, [*args, "--maximize", "--generations", "3", "--quiet"])
+    assert result.exit_code == 1
+    assert (
+        _lines(result)[-1] == "Error: every candidate failed; the first error was: ValueError: boom"
+    )
+    # The start and the first generation were tried (and recorded), no more.
+    assert len(open(out / "history.jsonl").readlines()) == 1 + len(FINETUNES)

@@ -137,3 +137,14 @@ def test_parent_and_partner_are_left_unchanged(dtype):
     before = parent.clone(), partner.clone()
     OffspringKey(1, 0, 0, 1).tensor("w", parent, partner)
     assert torch.equal(parent, before[0]) and torch.equal(partner, before[1])
+
+
+def test_masks_of_one_seed_nest_and_cr_is_resolved_to_16_bits():
+    """One stream of 16-bit draws: a larger cr crosses a superset of the entries; rates
+    closer than 2^-17 round to the same threshold (the documented resolution)."""
+    seed, n = mask_seed(3, 1, 2, "w"), 50_000
+    low, high = crossover_mask(n, 0.2, seed), crossover_mask(n, 0.7, seed)
+    assert bool((low <= high).all()) and low.sum() < high.sum()
+    assert torch.equal(crossover_mask(n, 0.5, seed), crossover_mask(n, 0.5 + 1e-6, seed))
+    assert offspring.mask_threshold(0.5) == 32768
+    assert offspring.mask_threshold(0.1) == 6554  # P(m = 1) = 0.10000610...

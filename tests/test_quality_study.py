@@ -13,6 +13,7 @@ import yaml
 from transformers import LlamaForCausalLM
 
 from benchmarks.quality.quality_eval import score_task
+from benchmarks.quality.quality_evolve import evolve_population
 from benchmarks.quality.quality_merge import (
     ABLATIONS,
     METHODS,
@@ -185,6 +186,47 @@ def test_tuned_task_arithmetic_keeps_the_grid_lambda_and_best_yml_is_the_tuned_m
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
     assert objective(merged, None) == pytest.approx(tuned["val_objective_best"], rel=1e-4)
+
+
+def test_evolver_rows_run_the_budget_and_best_yml_scores_what_the_evolver_scored(
+    tiny_models, tmp_path
+) -> None:
+    spec = next(spec for spec in METHODS if spec.label == "pcb")
+    setting = {"density": 0.6, "lambda": 1.0}
+    experts = {name: path for name, path in tiny_models.items() if name != "base"}
+    config_file = tmp_path / "grid.yml"
+    config_file.write_text(
+        yaml.safe_dump(mergekit_config(spec, setting, tiny_models["base"], experts))
+    )
+    base = _state(tiny_models["base"])
+    # A target the experts' entries can move towards: the base plus half the mean task vector.
+    expert_states = [_state(path) for path in experts.values()]
+    target = {
+        name: base[name] + 0.5 * sum(e[name] - base[name] for e in expert_states) / 3
+        for name in base
+    }
+
+    def objective(model, tokenizer) -> float:
+        state = model.state_dict()
+        return -sum(float((state[name] - target[name]).square().sum()) for name in target)
+
+    budget = 8  # the start, then 7 offspring: 3 generations of 3, cut by the budget
+    evolved = evolve_population(
+        str(config_file), str(tmp_path / "evolve"), objective, budget, 3, identity={"test": 1}
+    )
+    assert evolved["evaluations"] == budget
+    assert evolved["settings"]["generations"] == 3
+    assert evolved["accepted"] >= 1  # evolution changed the experts
+    assert evolved["val_objective_result"] > evolved["val_objective_start"]
+    assert evolved["accepted"] == sum(a["accepted"] for a in evolved["acceptances"].values())
+
+    # best.yml merged the mergekit-yaml way scores what the Evolver's own merge scored.
+    best = read_yaml_config(evolved["best_yml"])
+    assert all("/evolve/population/" in m["model"] for m in best["models"])
+    out = str(tmp_path / "evolved")
+    merge_with_mergekit(best, out, random=False)
+    merged = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert objective(merged, None) == pytest.approx(evolved["val_objective_result"], rel=1e-9)
 
 
 def test_row_cache_reuses_a_row_only_when_its_inputs_match(tmp_path) -> None:

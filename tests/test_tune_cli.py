@@ -390,9 +390,11 @@ def test_log_lines_read_warning_not_the_logger_name(tiny_models, val, tmp_path):
     assert "WARNING:" not in result.output
 
 
-def test_the_capture_prints_no_deprecation_notice(tune_config, caplog):
+@pytest.mark.parametrize("plan", ["plan_tensor_tasks", "plan_saved_tensors"])
+def test_the_capture_prints_no_deprecation_notice(tune_config, caplog, plan):
     """mergekit's output config sets ``torch_dtype``, which transformers logs as
-    deprecated, once per process: the capture's plan must not show it."""
+    deprecated, once per process: the capture's plan (and the Evolver's,
+    ``plan_saved_tensors``) must not show it."""
     from mergekit.options import MergeOptions
     from transformers.utils import logging as transformers_logging
 
@@ -403,7 +405,7 @@ def test_the_capture_prints_no_deprecation_notice(tune_config, caplog):
     warning_once.cache_clear()
     transformers_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
-        assert compat.plan_tensor_tasks(read_config(tune_config).merge_config, MergeOptions())
+        assert getattr(compat, plan)(read_config(tune_config).merge_config, MergeOptions())
     assert "deprecated" not in caplog.text
 
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
 from benchmarks.quality.quality_eval import Score, normalized_mean, score_tasks
+from benchmarks.quality.quality_evolve import evolver_rows, evolver_table
 from benchmarks.quality.quality_merge import (
     ABLATIONS,
     DENSITIES,
@@ -409,6 +410,16 @@ def run_subset(
             row["tuner"]["evaluations"],
             row["tuner"]["seconds"],
         )
+    evolved = evolver_rows(study, cache, tasks, rows, tuner_budget, specs_by_label, _label_folder)
+    for label, row in evolved.items():
+        LOG.info(
+            "%d tasks %-34s val %.3f  test %.3f",
+            len(tasks),
+            label,
+            row["val"]["normalized_char_acc"],
+            row["test"]["normalized_char_acc"],
+        )
+    rows.update(evolved)
     return {"tasks": list(tasks), "rows": rows}
 
 
@@ -526,6 +537,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines.append("")
     lines += _tuned_tables(results, tuned_methods)
     lines += _finer_table(results, tuned_methods)
+    lines += evolver_table(results, tuned_label)
 
     for sub in results["subsets"]:
         tasks = sub["tasks"]

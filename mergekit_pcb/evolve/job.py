@@ -53,11 +53,12 @@ from mergekit_pcb.evolve.records import EvolveRecord, Scored
 from mergekit_pcb.evolve.settings import EvolveSettings
 from mergekit_pcb.merge import LoadedConfig, merge_into, parse_config, read_config
 from mergekit_pcb.tune.live_model import load_model, load_tokenizer, resolve_device
-from mergekit_pcb.tune.objectives import Objective
+from mergekit_pcb.tune.objectives import Objective, ReferencedObjective, set_reference_scores
 from mergekit_pcb.tune.outputs import config_yaml, plot_scores
 from mergekit_pcb.tune.placement import placement_for
 from mergekit_pcb.tune.records import best_of, evaluate_candidate
 from mergekit_pcb.tune.run_dir import HISTORY_FILE, RunDirectory, RunMismatchError, write_atomic
+from mergekit_pcb.tune.search import AllCandidatesFailedError
 
 LOG = logging.getLogger(__name__)
 
@@ -153,6 +154,12 @@ def open_job(
         check_config(merge_config, options)
     except ValueError as error:
         raise ConfigError(f"{path}: {error}") from None
+    if "+" in os.path.abspath(out_dir):
+        # best.yml names the evolved models by their folders under OUT_DIR.
+        raise ConfigError(
+            f"{out_dir}: the output folder's path contains '+', which mergekit reads in "
+            "best.yml's model paths as model+LoRA; choose a folder without it"
+        )
     names = [str(ref) for ref in refs]
     identity = {
         "config_sha256": hashlib.sha256(config.source.encode()).hexdigest(),
@@ -224,6 +231,9 @@ def _run_job(
 
         transformers_logging.disable_progress_bar()
     tokenizer = load_tokenizer(job.base_path, "the evolver")
+    if isinstance(objective, ReferencedObjective) and objective.normalized:
+        # Each original fine-tune scored alone, before the population takes the memory.
+        set_reference_scores(objective, job.out_dir, job.names, job.dtype, job.device, tokenizer)
     model = load_model(job.base_path, job.dtype, job.device)
     population = _load(job, model, placement_mode)
     try:
@@ -367,6 +377,7 @@ def _run(
                     offspring = population.offspring(candidate.key)
                 population.accept(candidate.key, offspring)
             made.clear()
+            _stop_if_all_failed(run, evolution, min(evolution.total, starts + population.n))
             if test_objective is not None and len(evolution.history) == starts:
                 live.write_result(evolution)
                 start_test = float(test_objective(live.model, live.tokenizer))
@@ -380,6 +391,18 @@ def _run(
         live.write_result(evolution)
         start_test = float(test_objective(live.model, live.tokenizer))
     return evolution, resumed, start_test
+
+
+def _stop_if_all_failed(run: RunDirectory[EvolveRecord], evolution: Evolution, first: int) -> None:
+    """Stop when the start and the whole first generation (``first`` evaluations) all
+    failed: the objective cannot score this model, and going on would only repeat it."""
+    if len(evolution.history) != first:
+        return
+    records = [run.recorded[j.candidate.index] for j in evolution.history]
+    if not any(r.ok for r in records):
+        raise AllCandidatesFailedError(
+            f"every candidate failed; the first error was:\n{records[0].error}"
+        )
 
 
 def _current_score(evolution: Evolution) -> float | None:

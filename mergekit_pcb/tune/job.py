@@ -52,7 +52,7 @@ from mergekit_pcb.tune.densities import (
 )
 from mergekit_pcb.tune.driver import open_search_run, run_search
 from mergekit_pcb.tune.live_model import load_model, load_tokenizer, resolve_device
-from mergekit_pcb.tune.objectives import Objective, ReferencedObjective
+from mergekit_pcb.tune.objectives import Objective, ReferencedObjective, set_reference_scores
 from mergekit_pcb.tune.outputs import EditEntry, config_yaml
 from mergekit_pcb.tune.outputs import plot_scores as draw_scores
 from mergekit_pcb.tune.placement import placement_for
@@ -357,18 +357,7 @@ def _open_job(
 def _set_reference_scores(job: _Job, objective: ReferencedObjective, tokenizer: Any) -> None:
     """Phase 2: per fine-tuned model, its score on every validation task (cached in
     OUT_DIR), given to the objective that normalises by them."""
-    path = os.path.join(job.out_dir, "reference_scores.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as file:
-            scores = json.load(file)
-    else:
-        scores = []
-        for name in job.names:
-            model = load_model(name, job.dtype, job.device)
-            scores.append(objective.scores(model, tokenizer))
-            del model
-        write_atomic(path, json.dumps(scores) + "\n")
-    objective.set_reference(scores)
+    set_reference_scores(objective, job.out_dir, job.names, job.dtype, job.device, tokenizer)
 
 
 def _capture(job: _Job, model: Any, contributions: str, options: MergeOptions) -> Contributions:

@@ -65,6 +65,37 @@ class ReferencedObjective(Objective, Protocol):
         ...
 
 
+REFERENCE_FILE = "reference_scores.json"
+
+
+def set_reference_scores(
+    objective: ReferencedObjective,
+    out_dir: str,
+    models: Sequence[str],
+    dtype: torch.dtype,
+    device: str,
+    tokenizer: Any,
+) -> None:
+    """Give ``objective`` each fine-tuned model's score on every validation task, each
+    model loaded alone on ``device``; cached in ``out_dir``'s ``reference_scores.json``,
+    so that a resumed run normalises by the same scores."""
+    from mergekit_pcb.tune.live_model import load_model
+    from mergekit_pcb.tune.run_dir import write_atomic
+
+    path = os.path.join(out_dir, REFERENCE_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as file:
+            scores = json.load(file)
+    else:
+        scores = []
+        for name in models:
+            model = load_model(name, dtype, device)
+            scores.append(objective.scores(model, tokenizer))
+            del model
+        write_atomic(path, json.dumps(scores) + "\n")
+    objective.set_reference(scores)
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str
