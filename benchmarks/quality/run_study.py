@@ -322,18 +322,31 @@ class RowCache:
         self.settings = settings
         self.fresh = fresh
 
+    def _path(self, tasks: Sequence[str], label: str) -> str:
+        return os.path.join(self.folder, _label_folder(tasks, label) + ".json")
+
+    def _key(self, tasks: Sequence[str], label: str) -> dict[str, Any]:
+        return {"tasks": list(tasks), "label": label, **self.settings}
+
+    def stored(self, tasks: Sequence[str], label: str) -> dict[str, Any] | None:
+        """The row stored for (tasks, label) with this run's inputs, if any."""
+        path = self._path(tasks, label)
+        if self.fresh or not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as file:
+            stored = json.load(file)
+        return stored["row"] if stored["key"] == self._key(tasks, label) else None
+
     def row(
         self, tasks: Sequence[str], label: str, compute: Callable[..., dict[str, Any]], *args: Any
     ) -> dict[str, Any]:
         """The stored row for (tasks, label), else ``compute(*args)``, stored, then returned."""
-        path = os.path.join(self.folder, _label_folder(tasks, label) + ".json")
-        key = {"tasks": list(tasks), "label": label, **self.settings}
-        if not self.fresh and os.path.exists(path):
-            with open(path, encoding="utf-8") as file:
-                stored = json.load(file)
-            if stored["key"] == key:
-                LOG.info("%d tasks %-26s reused from %s", len(tasks), label, path)
-                return stored["row"]
+        stored = self.stored(tasks, label)
+        if stored is not None:
+            LOG.info("%d tasks %-26s reused from %s", len(tasks), label, self._path(tasks, label))
+            return stored
+        path = self._path(tasks, label)
+        key = self._key(tasks, label)
         row = compute(*args)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = path + ".partial"
@@ -343,8 +356,23 @@ class RowCache:
         return row
 
 
+class _StoredOnly:
+    """A :class:`RowCache` that gives the stored rows and None for the others (the study's
+    ``--evolver-rows stored``: while another process computes them)."""
+
+    def __init__(self, cache: RowCache) -> None:
+        self.cache = cache
+
+    def row(self, tasks: Sequence[str], label: str, *_: Any) -> dict[str, Any] | None:
+        return self.cache.stored(tasks, label)
+
+
 def run_subset(
-    study: Study, cache: RowCache, tasks: tuple[str, ...], tuner_budget: int
+    study: Study,
+    cache: RowCache,
+    tasks: tuple[str, ...],
+    tuner_budget: int,
+    compute_evolver: bool = True,
 ) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for label, scores in (("base", study.base_scores), ("experts", study.expert_scores)):
@@ -410,7 +438,11 @@ def run_subset(
             row["tuner"]["evaluations"],
             row["tuner"]["seconds"],
         )
-    evolved = evolver_rows(study, cache, tasks, rows, tuner_budget, specs_by_label, _label_folder)
+    evolver_cache = cache if compute_evolver else _StoredOnly(cache)
+    evolved = evolver_rows(
+        study, evolver_cache, tasks, rows, tuner_budget, specs_by_label, _label_folder
+    )
+    evolved = {label: row for label, row in evolved.items() if row is not None}
     for label, row in evolved.items():
         LOG.info(
             "%d tasks %-34s val %.3f  test %.3f",
@@ -718,6 +750,13 @@ def _finer_table(results: dict[str, Any], methods: Sequence[str]) -> list[str]:
     show_default=True,
     help="fraction of each expert batch drawn from the base's training mixture",
 )
+@click.option(
+    "--evolver-rows",
+    type=click.Choice(["compute", "stored"]),
+    default="compute",
+    show_default=True,
+    help="stored: only the Evolver rows already in OUT/rows (another process computing them)",
+)
 @click.option("--train-only", is_flag=True, help="build (or reuse) the models and stop")
 @click.option(
     "--fresh",
@@ -733,6 +772,7 @@ def main(
     tuner_budget: int,
     train_seed: int,
     expert_replay: float,
+    evolver_rows: str,
     train_only: bool,
     fresh: bool,
 ) -> None:
@@ -786,7 +826,9 @@ def main(
         fresh,
     )
     for tasks in subsets(subsets_per_size):
-        results["subsets"].append(run_subset(study, cache, tasks, tuner_budget))
+        results["subsets"].append(
+            run_subset(study, cache, tasks, tuner_budget, evolver_rows == "compute")
+        )
     results["settings"] = {
         "command": "python -m benchmarks.quality.run_study"
         + (f" {' '.join(sys.argv[1:])}" if sys.argv[1:] else ""),
