@@ -5,8 +5,9 @@
    refusing a different run, or a budget that cannot run there, before any heavy work.
 2. **Reference scores** (:func:`_set_reference_scores`): score every fine-tuned model
    alone when the objective is normalised by them (cached in ``reference_scores.json``).
-3. **Live model** (:func:`_load_and_capture`): load the base on its device(s), capture
-   the config's contributions once (``capture.py``), placed beside the parameters they
+3. **Live model** (:func:`_run_job`, :func:`_capture`): load the base on its device(s),
+   capture the config's contributions once, or once per density with ``--densities``
+   (``capture.py``), placed beside the parameters they
    update while they fit (``placement.py``), and copy in the tensors that do not
    depend on the weights.
 4. **Search** (:func:`_search`, ``driver.py``): each candidate is written into the live
@@ -249,15 +250,21 @@ def _at_density(job: _Job, density: float) -> _Job:
     config = LoadedConfig(
         job.config.path, job.config.source, raw, MergeConfiguration.model_validate(raw)
     )
-    share = job.settings.budget // len(job.densities)
     return replace(
         job,
         config=config,
         out_dir=density_dir(job.out_dir, density),
         identity={**job.identity, "density": density},
-        settings=replace(job.settings, budget=share),
+        settings=_per_run(job.settings, job.densities),
         densities=[],
     )
+
+
+def _per_run(settings: SearchSettings, densities: Sequence[float]) -> SearchSettings:
+    """The settings of one search: with densities, an equal share of the budget each."""
+    if not densities:
+        return settings
+    return replace(settings, budget=max(1, settings.budget // len(densities)))
 
 
 def _write_density_outputs(
@@ -327,9 +334,7 @@ def _open_job(
     base = merge_config.base_model or merge_config.models[0].model
     dtype = getattr(torch, merge_config.out_dtype or merge_config.dtype or "float32")
     device = resolve_device(device)
-    per_run = settings
-    if densities:  # each density's search gets an equal share of the budget
-        per_run = replace(settings, budget=max(1, settings.budget // len(densities)))
+    per_run = _per_run(settings, densities)
     try:
         run = open_search_run(out_dir, identity, per_run, layout.size)  # last: it locks
     except ValueError as error:

@@ -174,15 +174,13 @@ class WeightLayout:
                     label = f"{name}: weight{suffix}{point}"
                     self.labels.append(name if label == f"{name}: weight" else label)
         self.positions = dict(positions) if positions is not None else None
+        # Whether each model has one plain number, which every tensor takes (read per
+        # tensor of every candidate, so decided once).
+        self.per_model = all(not leaf.is_gradient and not leaf.path for leaf in self.leaves)
 
     @property
     def size(self) -> int:
         return len(self.start)
-
-    @property
-    def per_model(self) -> bool:
-        """Whether each model has one plain number, which every tensor takes."""
-        return all(not leaf.is_gradient and not leaf.path for leaf in self.leaves)
 
     def resolved(self, raw: dict, plan_weights: Any) -> WeightLayout:
         """This layout with each tensor's positions, learnt from mergekit's planner:
